@@ -1,0 +1,227 @@
+"""Typed run configuration: dataclasses, YAML files and `key=value` overrides (omegaconf dotlist).
+
+A run is described fully by its resolved config, which every stage saves next to its outputs.
+Problems are reported as one `ConfigError` line naming the field and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRUNE_SCORES = ("gate_up_down", "gate_up", "down")
+DATA_SOURCES = ("jsonl", "disk", "hub")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ModelConfig:
+    # The unpruned model (the teacher): a local Hugging Face checkpoint dir, or a hub id when online.
+    path: Optional[str] = None
+    # Tokenizer dir, tokenizer.json file or hub id; null = the one saved with the model.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised small model, for the CPU demo, tests and shape benchmarks."""
+
+    architecture: str = "olmo2"  # olmo2 | llama
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 512
+    # null = the tokenizer's size rounded up to a multiple of 64 (OLMo2 pads 100278 to 100352 = 128*784).
+    vocab_size: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # jsonl: a directory with the official CommonsenseQA files (train_rand_split.jsonl, ...);
+    # disk: a `datasets` dir saved with save_to_disk; hub: a hub id with the tau/commonsense_qa schema.
+    source: str = "jsonl"
+    path: str = "../shared/data/commonsense_qa"
+    # Seeded subsample of the training split (the data-size sweep); null = all rows.
+    train_examples: Optional[int] = None
+    seed: int = 1234
+    max_length: int = 512
+    add_bos: bool = False
+
+
+@dataclass
+class PruneConfig:
+    # Keep ratios of MLP neurons relative to the *original* intermediate size, in order.
+    # one_shot uses only the last; iterative prunes to each in turn with recovery in between.
+    schedule: List[float] = field(default_factory=lambda: [0.5])
+    mode: str = "one_shot"  # one_shot | iterative
+    score: str = "gate_up_down"  # gate_up_down | gate_up | down
+    round_to: int = 1  # kept neurons per layer rounded up to a multiple of this (e.g. 64 for GPUs)
+    output_dir: str = "${output_dir}/pruned"
+    max_shard_mb: int = 2000  # output safetensors shard size; bounds peak memory while pruning
+    overwrite: bool = False
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.schedule[-1]
+
+
+@dataclass
+class EvalConfig:
+    model: Optional[str] = None  # checkpoint to evaluate; null = model.path
+    split: str = "validation"  # CSQA's test split has no answers: lm-eval reports validation
+    limit: Optional[int] = None  # first N examples (smoke runs)
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "${output_dir}/eval"
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_keys(user: Any, schema: type, prefix: str) -> None:
+    """Unknown keys are the most common typo; name the key and the valid keys at that level."""
+    if not isinstance(user, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in user.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {valid}")
+        ftype = fields[key].type
+        sub = _dataclass_of(ftype)
+        if sub is not None:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' must be a mapping, got {value!r}")
+            _check_keys(value, sub, full + ".")
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation) or _SCHEMAS.get(annotation)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. prune.schedule=[0.5])")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, schema: type = RunConfig):
+    """YAML file (optional) + dotlist overrides -> validated dataclass instance with interpolations resolved."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as e:  # yaml syntax errors carry line numbers in their message
+            raise ConfigError(f"cannot read config {path}: {' '.join(str(e).split())}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        layers.append(raw)
+    layers.append(_parse_overrides(overrides or []))
+    for layer in layers:
+        _check_keys(layer, schema, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config field '{key}': {msg}" if key else f"config: {msg}") from None
+    validate(obj)
+    return obj
+
+
+def _require(cond: bool, field_name: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{field_name}' = {value!r}: expected {expected}")
+
+
+def validate(cfg: Any) -> None:
+    """Range and choice checks for every section present in the config."""
+    if hasattr(cfg, "model"):
+        _require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", cfg.model.dtype)
+    if hasattr(cfg, "tiny"):
+        t = cfg.tiny
+        _require(t.architecture in ("olmo2", "llama"), "tiny.architecture", "olmo2 or llama", t.architecture)
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
+            _require(getattr(t, name) > 0, f"tiny.{name}", "a positive integer", getattr(t, name))
+        _require(t.hidden_size % t.num_heads == 0, "tiny.hidden_size", "a multiple of tiny.num_heads", t.hidden_size)
+        _require(t.num_heads % t.num_kv_heads == 0, "tiny.num_kv_heads", "a divisor of tiny.num_heads", t.num_kv_heads)
+        _require(t.vocab_size is None or t.vocab_size > 0, "tiny.vocab_size", "a positive integer or null", t.vocab_size)
+    if hasattr(cfg, "data"):
+        d = cfg.data
+        _require(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
+        _require(d.train_examples is None or d.train_examples > 0, "data.train_examples",
+                 "a positive integer or null", d.train_examples)
+        _require(d.max_length > 0, "data.max_length", "a positive integer", d.max_length)
+    if hasattr(cfg, "prune"):
+        p = cfg.prune
+        _require(len(p.schedule) > 0, "prune.schedule", "a non-empty list of keep ratios", p.schedule)
+        for i, r in enumerate(p.schedule):
+            _require(0.0 < r <= 1.0, f"prune.schedule[{i}]", "a keep ratio in (0, 1]", r)
+        _require(all(a > b for a, b in zip(p.schedule, p.schedule[1:])), "prune.schedule",
+                 "strictly decreasing keep ratios", p.schedule)
+        _require(p.mode in ("one_shot", "iterative"), "prune.mode", "one_shot or iterative", p.mode)
+        _require(p.score in PRUNE_SCORES, "prune.score", f"one of {PRUNE_SCORES}", p.score)
+        _require(p.round_to >= 1, "prune.round_to", "an integer >= 1", p.round_to)
+        _require(p.max_shard_mb >= 1, "prune.max_shard_mb", "an integer >= 1", p.max_shard_mb)
+    if hasattr(cfg, "eval"):
+        e = cfg.eval
+        _require(e.split in SPLITS, "eval.split", f"one of {SPLITS}", e.split)
+        _require(e.limit is None or e.limit > 0, "eval.limit", "a positive integer or null", e.limit)
+        _require(e.batch_size > 0, "eval.batch_size", "a positive integer", e.batch_size)
+        _require(e.device in ("auto", "cpu", "cuda"), "eval.device", "auto, cpu or cuda", e.device)
+
+
+def looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).exists()
+
+
+def require_local_or_hub(value: str | None, field_name: str, kind: str = "directory") -> None:
+    """A missing local path is an error; `org/name` is allowed through as a hub id."""
+    if value is None:
+        raise ConfigError(f"config field '{field_name}' is required (a local path or a hub id)")
+    if looks_like_hub_id(value):
+        return
+    p = Path(value)
+    ok = p.is_dir() if kind == "directory" else p.exists()
+    if not ok:
+        raise ConfigError(f"config field '{field_name}': no such {kind} '{value}'")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+_SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, DataConfig, PruneConfig, EvalConfig, RunConfig)}

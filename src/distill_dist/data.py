@@ -1,0 +1,167 @@
+"""CommonsenseQA: read any of its published forms, normalise to one schema, format lm-eval prompts.
+
+Normalised row: {id: str, question: str, choices: [5 str], answer: int (0-4, or -1 when the split
+has no answers)}. Every source goes through the same row check, so a bad row is reported with its
+file and line (or dataset row) and never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .config import DataConfig
+from .errors import DataError
+
+LABELS = ("A", "B", "C", "D", "E")
+# lm-eval-harness `commonsense_qa`: target_delimiter " " + doc_to_choice ['A'..'E'].
+TARGETS = tuple(" " + label for label in LABELS)
+# Bump when format_prompt changes: caches and run metadata record it.
+PROMPT_VERSION = "lm-eval-csqa-v1"
+
+OFFICIAL_FILES = {
+    "train": "train_rand_split.jsonl",
+    "validation": "dev_rand_split.jsonl",
+    "test": "test_rand_split_no_answers.jsonl",
+}
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "answer": datasets.Value("int32"),
+    }
+)
+
+
+def format_prompt(question: str, choices: list[str]) -> str:
+    """Byte-for-byte the lm-eval-harness `commonsense_qa` doc_to_text."""
+    lines = [f"Question: {question.strip()}"]
+    lines += [f"{label}. {text}" for label, text in zip(LABELS, choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def _normalise(row: Any, where: str) -> dict:
+    """Accept the official jsonl schema or the tau/commonsense_qa schema; return the normalised row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "id" not in row:
+        raise DataError(f"{where}: missing field 'id'")
+    q = row.get("question")
+    if isinstance(q, dict):  # official: question.stem + question.choices[{label,text}]
+        stem = q.get("stem")
+        raw_choices = q.get("choices")
+        if stem is None:
+            raise DataError(f"{where}: missing field 'question.stem'")
+        if not isinstance(raw_choices, list):
+            raise DataError(f"{where}: missing field 'question.choices' (a list of {{label, text}})")
+        try:
+            labels = [c["label"] for c in raw_choices]
+            texts = [c["text"] for c in raw_choices]
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: every entry of 'question.choices' needs 'label' and 'text'") from None
+    elif isinstance(q, str):  # tau/commonsense_qa: question + choices{label: [...], text: [...]}
+        stem = q
+        ch = row.get("choices")
+        if not isinstance(ch, dict) or "label" not in ch or "text" not in ch:
+            raise DataError(f"{where}: missing field 'choices' ({{label: [...], text: [...]}})")
+        labels, texts = list(ch["label"]), list(ch["text"])
+    else:
+        raise DataError(f"{where}: missing field 'question' (an object with 'stem' or a string)")
+    if len(texts) != 5 or len(labels) != 5:
+        raise DataError(f"{where}: expected 5 choices, found {len(texts)}")
+    if tuple(labels) != LABELS:
+        raise DataError(f"{where}: choice labels must be A-E in order, found {labels}")
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{where}: choice texts must be strings")
+    key = row.get("answerKey")
+    if key is None or key == "":
+        answer = -1
+    elif key.strip() in LABELS:
+        answer = LABELS.index(key.strip())
+    else:
+        raise DataError(f"{where}: answerKey {key!r} is not one of the choice labels {list(LABELS)}")
+    return {"id": str(row["id"]), "question": stem, "choices": texts, "answer": answer}
+
+
+def read_jsonl(path: str | Path) -> datasets.Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_normalise(obj, where))
+    return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def _from_hf(ds: datasets.Dataset, origin: str) -> datasets.Dataset:
+    rows = [_normalise(dict(r), f"{origin} row {i}") for i, r in enumerate(ds)]
+    return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """One normalised split; `train` is subsampled to cfg.train_examples with cfg.seed."""
+    if split not in OFFICIAL_FILES:
+        raise DataError(f"unknown split '{split}'; expected one of {list(OFFICIAL_FILES)}")
+    if cfg.source == "jsonl":
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise DataError(f"config field 'data.path': no such directory '{cfg.path}'")
+        ds = read_jsonl(root / OFFICIAL_FILES[split])
+    elif cfg.source == "disk":
+        try:
+            saved = datasets.load_from_disk(cfg.path)
+        except FileNotFoundError:
+            raise DataError(f"config field 'data.path': no saved dataset at '{cfg.path}'") from None
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise DataError(f"saved dataset '{cfg.path}' has no split '{split}' (has {list(saved)})")
+            saved = saved[split]
+        ds = _from_hf(saved, f"{cfg.path} [{split}]")
+    else:  # hub
+        try:
+            ds = _from_hf(datasets.load_dataset(cfg.path, split=split), f"{cfg.path} [{split}]")
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot load hub dataset '{cfg.path}' split '{split}': {str(e).splitlines()[0]}") from None
+    if split == "train" and cfg.train_examples is not None:
+        ds = subsample(ds, cfg.train_examples, cfg.seed)
+    return ds
+
+
+def subsample(ds: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    """The same (n, seed) always picks the same rows, and a smaller n is a prefix of a larger one."""
+    if n > len(ds):
+        raise DataError(f"config field 'data.train_examples' = {n}: the split has only {len(ds)} rows")
+    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+def encode_choices(tokenizer, prompt: str, targets=TARGETS, add_bos: bool = False) -> tuple[list[int], list[list[int]]]:
+    """lm-eval's context/continuation split: tokenize context+target whole, the continuation is the tail.
+
+    Returns (context ids, one continuation id list per target).
+    """
+    def enc(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    context = enc(prompt)
+    conts = []
+    for t in targets:
+        whole = enc(prompt + t)
+        if whole[: len(context)] != context:  # merge across the boundary: fall back to separate encoding
+            whole = context + enc(t)
+        conts.append(whole[len(context):])
+    if add_bos and tokenizer.bos_token_id is not None:
+        context = [tokenizer.bos_token_id] + context
+    return context, conts

@@ -1,0 +1,141 @@
+"""CommonsenseQA accuracy and uncertainty by log-likelihood of the five answer letters (lm-eval `acc`).
+
+Each question's loglik of " A".." E" after the prompt is computed; when every target is one token
+(true for the OLMo2 and Llama tokenizers) one forward per question suffices, otherwise each choice
+gets its own sequence. Only the positions that score a target go through `lm_head`, so a 100k-wide
+vocabulary costs five rows per question, not the whole sequence. With several ranks, each scores a
+strided slice of the questions and rank 0 gathers them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import LABELS, PROMPT_VERSION, encode_choices, format_prompt
+from .distributed import gather_objects, world
+from .fileio import atomic_write_json, atomic_write_jsonl
+
+ECE_BINS = 15
+
+
+@dataclass
+class _Request:
+    example: int
+    choice: int | None  # None: one sequence scores all five single-token targets
+    input_ids: list[int]
+    positions: list[int]
+    targets: list[int]  # choice is None: the five target ids at positions[0]; else the target per position
+
+
+def build_requests(tokenizer, rows, max_length: int, add_bos: bool = False) -> list[_Request]:
+    reqs = []
+    for i, row in enumerate(rows):
+        ctx, conts = encode_choices(tokenizer, format_prompt(row["question"], row["choices"]), add_bos=add_bos)
+        if all(len(c) == 1 for c in conts):
+            ids = ctx[-max_length:]
+            reqs.append(_Request(i, None, ids, [len(ids) - 1], [c[0] for c in conts]))
+        else:
+            for j, cont in enumerate(conts):
+                ids = (ctx + cont)[-(max_length + 1):][:-1]  # truncate from the left, like lm-eval
+                start = len(ids) - len(cont)
+                reqs.append(_Request(i, j, ids, list(range(start, len(ids))), cont))
+    return reqs
+
+
+@torch.no_grad()
+def target_logprobs(model, batch: list[_Request], pad_id: int, device) -> list[torch.Tensor]:
+    """log p(target) for each request's scored positions, float32; right-padded batch."""
+    width = max(len(r.input_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, r in enumerate(batch):
+        ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        mask[b, : len(r.input_ids)] = 1
+    hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    rows = torch.tensor([b for b, r in enumerate(batch) for _ in r.positions], device=device)
+    cols = torch.tensor([p for r in batch for p in r.positions], device=device)
+    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), dim=-1).cpu()
+    out, k = [], 0
+    for r in batch:
+        n = len(r.positions)
+        sel = logp[k: k + n]
+        if r.choice is None:
+            out.append(sel[0, r.targets])
+        else:
+            out.append(sel[torch.arange(n), torch.tensor(r.targets)])
+        k += n
+    return out
+
+
+def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device, add_bos: bool = False,
+               progress: bool = True) -> np.ndarray:
+    """[len(rows), 5] float64 log-likelihoods of the five targets."""
+    reqs = build_requests(tokenizer, rows, max_length, add_bos)
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].input_ids))  # similar lengths share a batch
+    logliks = np.zeros((len(rows), 5), dtype=np.float64)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=len(reqs), desc="eval", unit="seq", disable=not progress)
+    for s in range(0, len(order), batch_size):
+        batch = [reqs[i] for i in order[s: s + batch_size]]
+        for r, lp in zip(batch, target_logprobs(model, batch, pad_id, device)):
+            if r.choice is None:
+                logliks[r.example] = lp.double().numpy()
+            else:
+                logliks[r.example, r.choice] = float(lp.double().sum())
+        bar.update(len(batch))
+    bar.close()
+    return logliks
+
+
+def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> dict:
+    """acc (argmax loglik), and NLL / Brier / ECE / entropy of the softmax over the five choices."""
+    z = logliks - logliks.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    entropy = float(-(probs * np.log(np.clip(probs, 1e-300, None))).sum(axis=1).mean()) if len(probs) else None
+    has = gold >= 0
+    out = {"n": int(len(gold)), "n_with_answer": int(has.sum()), "entropy": entropy,
+           "acc": None, "nll": None, "brier": None, "ece": None}
+    if has.any():
+        p, g = probs[has], gold[has]
+        pred = logliks[has].argmax(axis=1)
+        correct = (pred == g).astype(np.float64)
+        onehot = np.eye(5)[g]
+        conf = p.max(axis=1)
+        bins = np.clip(np.ceil(conf * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)  # (lo, hi] bins
+        ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+                  for b in range(ECE_BINS) if (bins == b).any())
+        out.update(acc=float(correct.mean()), nll=float(-np.log(p[np.arange(len(g)), g]).mean()),
+                   brier=float(((p - onehot) ** 2).sum(axis=1).mean()), ece=float(ece))
+    return out, probs
+
+
+def evaluate(model, tokenizer, dataset, batch_size: int, max_length: int, device, add_bos: bool = False,
+             progress: bool = True):
+    """Score `dataset` (sharded over ranks if distributed); returns (metrics, per-example rows) on every rank."""
+    rank, world_size = world()
+    mine = list(range(rank, len(dataset), world_size))
+    rows = [dataset[i] for i in mine]
+    ll = score_rows(model, tokenizer, rows, batch_size, max_length, device, add_bos, progress and rank == 0)
+    parts = gather_objects((mine, ll))
+    logliks = np.zeros((len(dataset), 5))
+    for idx, part in parts:
+        logliks[idx] = part
+    gold = np.array(dataset["answer"], dtype=np.int64)
+    metrics, probs = metrics_from_logliks(logliks, gold)
+    per_example = [
+        {"id": dataset[i]["id"], "logliks": logliks[i].tolist(), "probs": probs[i].tolist(),
+         "pred": LABELS[int(logliks[i].argmax())], "gold": LABELS[gold[i]] if gold[i] >= 0 else None}
+        for i in range(len(dataset))
+    ]
+    return metrics, per_example
+
+
+def write_eval(out_dir: str | Path, metrics: dict, per_example: list[dict], meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    atomic_write_jsonl(out_dir / "examples.jsonl", per_example)
+    atomic_write_json(out_dir / "eval.json", {"metrics": metrics, "prompt_version": PROMPT_VERSION, **meta})
+    return out_dir / "eval.json"

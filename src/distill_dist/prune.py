@@ -1,0 +1,358 @@
+"""Layer-wise L2-norm structured pruning of gated MLP neurons -> a smaller *standard* checkpoint.
+
+Neuron j of a layer's MLP is row j of gate_proj and up_proj and column j of down_proj; removing it
+removes all three, so the result is the same architecture with a smaller `intermediate_size`.
+Every layer keeps the same count ceil(r * I) (rounded up to `round_to`), chosen by score:
+
+- gate_up_down (default): ||[gate_j, up_j, down_:,j]||_2, the neuron's whole weight footprint;
+- gate_up: ||[gate_j, up_j]||_2, how strongly the neuron reads the residual stream;
+- down: ||down_:,j||_2, how strongly it writes back.
+
+The checkpoint is streamed: pass 1 reads only the MLP tensors to score neurons; pass 2 reads each
+shard sequentially (hashing it for the source fingerprint), slices, and writes output shards of at
+most `max_shard_mb`. Peak memory is about one output shard plus one tensor, so a 7B bf16 model
+(14.6 GB) prunes on a machine with far less RAM than the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .fileio import atomic_write_json, canonical_json, replace_dir, sha256_bytes, sha256_file
+from .models import MLP_PROJ, mlp_weight_name
+
+PLAN_FORMAT = "distill_dist.pruning_plan/v1"
+PLAN_FILE = "pruning_plan.json"
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_NON_COPIED = {"config.json", "model.safetensors.index.json", PLAN_FILE}
+
+
+# ---------------------------------------------------------------- neuron selection (pure functions)
+
+def keep_count(intermediate_size: int, keep_ratio: float, round_to: int = 1) -> int:
+    k = math.ceil(keep_ratio * intermediate_size - 1e-9)
+    k = int(math.ceil(k / round_to) * round_to)
+    return max(1, min(intermediate_size, k))
+
+
+def neuron_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-neuron L2 norm in float64; gate/up are [I, H], down is [H, I]."""
+    def sq(w: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(w.float(), dim=dim).double() ** 2
+
+    if score == "gate_up_down":
+        s = sq(gate, 1) + sq(up, 1) + sq(down, 0)
+    elif score == "gate_up":
+        s = sq(gate, 1) + sq(up, 1)
+    elif score == "down":
+        s = sq(down, 0)
+    else:
+        raise ValueError(f"unknown score {score!r}")
+    return s.sqrt()
+
+
+def select_neurons(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ties broken by lower index, returned in ascending order."""
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
+    return sorted(order.tolist())
+
+
+# ---------------------------------------------------------------- safetensors streaming
+
+@dataclass
+class _TensorEntry:
+    name: str
+    file: Path
+    dtype: str
+    shape: list[int]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def _read_header(path: Path) -> tuple[int, dict, bytes]:
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        (n,) = struct.unpack("<Q", raw_len)
+        raw = f.read(n)
+    return 8 + n, json.loads(raw), raw_len + raw
+
+
+def _index_checkpoint(src: Path) -> dict[str, list[_TensorEntry]]:
+    """shard file -> its tensors in on-disk order."""
+    idx = src / "model.safetensors.index.json"
+    if idx.is_file():
+        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are pruned; re-save with safe_serialization=True)")
+    shards = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise CheckpointError(f"{src}: shard {name} named in the index is missing")
+        data_start, header, _ = _read_header(path)
+        entries = [
+            _TensorEntry(k, path, v["dtype"], v["shape"], data_start + v["data_offsets"][0], data_start + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"
+        ]
+        shards[name] = sorted(entries, key=lambda e: e.begin)
+    return shards
+
+
+def _to_tensor(entry: _TensorEntry, buf: bytes) -> torch.Tensor:
+    if entry.dtype not in _ST_DTYPES:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
+    if entry.end == entry.begin:
+        return torch.empty(entry.shape, dtype=_ST_DTYPES[entry.dtype])
+    return torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def _read_tensor(entry: _TensorEntry) -> torch.Tensor:
+    with open(entry.file, "rb") as f:
+        f.seek(entry.begin)
+        return _to_tensor(entry, f.read(entry.end - entry.begin))
+
+
+def _stream_shard(path: Path, entries: list[_TensorEntry], hasher) -> Iterator[tuple[_TensorEntry, torch.Tensor]]:
+    """Read a shard front to back once, feeding every byte to `hasher`, yielding its tensors in order."""
+    with open(path, "rb") as f:
+        pos = 0
+        for e in entries:
+            if e.begin > pos:
+                hasher.update(f.read(e.begin - pos))
+            buf = f.read(e.end - e.begin)
+            hasher.update(buf)
+            pos = e.end
+            yield e, _to_tensor(e, buf)
+        while block := f.read(1 << 23):
+            hasher.update(block)
+
+
+class _ShardWriter:
+    """Buffers tensors and flushes a safetensors shard whenever `max_bytes` would be exceeded."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.bucket: dict[str, torch.Tensor] = {}
+        self.bucket_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.bytes_written = 0
+        self.tensor_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.bucket and self.bucket_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.bucket[name] = t.contiguous()
+        self.bucket_bytes += nbytes
+        self.tensor_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.bucket:
+            return
+        tmp_name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.bucket, str(self.out_dir / tmp_name), metadata={"format": "pt"})
+        self.bytes_written += (self.out_dir / tmp_name).stat().st_size
+        self.files.append((tmp_name, list(self.bucket)))
+        self.bucket, self.bucket_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Rename parts to HF's names and write the index (only when sharded)."""
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.out_dir / self.files[0][0], self.out_dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / tmp_name, self.out_dir / final)
+            weight_map.update({k: final for k in names})
+        atomic_write_json(self.out_dir / "model.safetensors.index.json",
+                          {"metadata": {"total_size": self.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+# ---------------------------------------------------------------- the pruning stage
+
+def read_model_config(src: Path) -> dict:
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{src}: no config.json (expected a Hugging Face checkpoint directory)")
+    cfg = json.loads(cfg_path.read_text())
+    archs = cfg.get("architectures") or ["?"]
+    for key in ("intermediate_size", "num_hidden_layers", "hidden_size"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_path}: no '{key}'; architecture {archs[0]} is not a gated-MLP decoder")
+    if not archs[0].endswith("ForCausalLM"):
+        raise CheckpointError(f"{cfg_path}: architecture {archs[0]} is not a *ForCausalLM model")
+    return cfg
+
+
+def plan_hash(plan: dict) -> str:
+    """sha256 of everything that defines the pruning (not where or when it ran)."""
+    body = {k: v for k, v in plan.items() if k not in ("plan_sha256", "provenance")}
+    return sha256_bytes(canonical_json(body).encode())
+
+
+def _source_identity(src: Path) -> list:
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(src.iterdir())
+            if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")]
+
+
+def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio: float, score: str = "gate_up_down",
+                     round_to: int = 1, max_shard_mb: int = 2000, tokenizer=None, overwrite: bool = False,
+                     log=print) -> dict:
+    """Prune `src` into a new checkpoint dir `out`; returns the plan (also written to out/pruning_plan.json)."""
+    src, out = Path(src), Path(out)
+    settings = {"keep_ratio": keep_ratio, "score": score, "round_to": round_to}
+    if (out / PLAN_FILE).is_file():
+        old = json.loads((out / PLAN_FILE).read_text())
+        same = (old.get("provenance", {}).get("source_identity") == _source_identity(src)
+                and all(old.get(k) == v for k, v in settings.items()))
+        if same and not overwrite:
+            log(f"{out} already holds this pruning (plan {old['plan_sha256'][:12]}); nothing to do")
+            return old
+        if not overwrite:
+            raise CheckpointError(f"{out} already holds a different pruning (plan {old.get('plan_sha256', '?')[:12]}); "
+                                  "choose another prune.output_dir or set prune.overwrite=true")
+    t0 = time.time()
+    mcfg = read_model_config(src)
+    n_layers, inter = mcfg["num_hidden_layers"], mcfg["intermediate_size"]
+    k = keep_count(inter, keep_ratio, round_to)
+    shards = _index_checkpoint(src)
+    by_name = {e.name: e for entries in shards.values() for e in entries}
+    for layer in range(n_layers):
+        for proj in MLP_PROJ:
+            if mlp_weight_name(layer, proj) not in by_name:
+                raise CheckpointError(
+                    f"{src}: tensor {mlp_weight_name(layer, proj)} not found; architecture "
+                    f"{mcfg['architectures'][0]} has no gated MLP (gate_proj/up_proj/down_proj)")
+
+    # Pass 1: scores, one layer's three matrices in memory at a time.
+    kept: list[list[int]] = []
+    bytes_read = 0
+    for layer in range(n_layers):
+        g, u, d = (_read_tensor(by_name[mlp_weight_name(layer, p)]) for p in MLP_PROJ)
+        bytes_read += sum(by_name[mlp_weight_name(layer, p)].end - by_name[mlp_weight_name(layer, p)].begin for p in MLP_PROJ)
+        kept.append(select_neurons(neuron_scores(g, u, d, score), k))
+        del g, u, d
+    t_score = time.time() - t0
+
+    # Pass 2: stream every shard, slice the MLP tensors, write new shards.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, max_shard_mb * 1024 * 1024)
+    file_hashes = {}
+    params_before = params_after = mlp_before = mlp_after = 0
+    index_tensors = [torch.tensor(ix, dtype=torch.long) for ix in kept]
+    for shard_name, entries in shards.items():
+        h = hashlib.sha256()
+        for e, t in _stream_shard(src / shard_name, entries, h):
+            bytes_read += e.end - e.begin
+            params_before += t.numel()
+            parts = e.name.split(".")
+            is_mlp = len(parts) >= 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" \
+                and parts[4] in MLP_PROJ
+            if is_mlp:
+                mlp_before += t.numel()
+                ix = index_tensors[int(parts[2])]
+                # gate/up weight [I, H] and bias [I] lose rows; down weight [H, I] loses columns, its bias stays.
+                if parts[4] in ("gate_proj", "up_proj"):
+                    t = t.index_select(0, ix)
+                elif parts[5] == "weight":
+                    t = t.index_select(1, ix)
+                mlp_after += t.numel()
+            params_after += t.numel()
+            writer.add(e.name, t)
+        file_hashes[shard_name] = h.hexdigest()
+    writer.finish()
+
+    new_cfg = dict(mcfg, intermediate_size=k)
+    atomic_write_json(tmp / "config.json", new_cfg)
+    for p in sorted(src.iterdir()):  # generation config, tokenizer files, ...
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in _NON_COPIED and not p.name.startswith("."):
+            shutil.copy2(p, tmp / p.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+    entries = [("config.json", sha256_file(src / "config.json"))] + sorted(file_hashes.items())
+    source_fp = sha256_bytes(canonical_json([list(e) for e in entries]).encode())
+    plan = {
+        "format": PLAN_FORMAT,
+        "source_fingerprint": source_fp,
+        "architecture": mcfg["architectures"][0],
+        "num_layers": n_layers,
+        "hidden_size": mcfg["hidden_size"],
+        "intermediate_size_before": inter,
+        "intermediate_size_after": k,
+        **settings,
+        "kept_indices": kept,
+        "params": {"total_before": params_before, "total_after": params_after,
+                   "mlp_before": mlp_before, "mlp_after": mlp_after},
+        "provenance": {"source_path": str(src), "source_identity": _source_identity(src),
+                       "created_unix": int(time.time())},
+    }
+    plan["plan_sha256"] = plan_hash(plan)
+    atomic_write_json(tmp / PLAN_FILE, plan)
+    replace_dir(tmp, out)
+
+    wall = time.time() - t0
+    plan["_stats"] = {"wall_s": wall, "score_s": t_score, "bytes_read": bytes_read,
+                      "bytes_written": writer.bytes_written}
+    log(f"pruned {src} -> {out}: intermediate {inter} -> {k} per layer, params {params_before:,} -> "
+        f"{params_after:,} ({params_after / params_before:.1%}), plan {plan['plan_sha256'][:12]}, {wall:.1f}s")
+    return plan
+
+
+def load_plan(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {PLAN_FILE} (not a checkpoint made by `distill-dist prune`)")
+    plan = json.loads(path.read_text())
+    if plan.get("plan_sha256") != plan_hash(plan):
+        raise CheckpointError(f"{path}: plan_sha256 does not match its contents (edited or corrupt)")
+    return plan
+
+
+# ---------------------------------------------------------------- in-memory pruning (live models)
+
+@torch.no_grad()
+def prune_model_(model, kept: list[list[int]]) -> None:
+    """Slice a loaded model's MLPs in place to the given per-layer neuron indices."""
+    from .models import gated_mlps
+
+    mlps = gated_mlps(model)
+    if len(kept) != len(mlps):
+        raise CheckpointError(f"plan has {len(kept)} layers, model has {len(mlps)}")
+    for mlp, ix in zip(mlps, kept):
+        ix_t = torch.tensor(ix, dtype=torch.long, device=mlp.gate_proj.weight.device)
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight = torch.nn.Parameter(lin.weight.index_select(0, ix_t))
+            if lin.bias is not None:
+                lin.bias = torch.nn.Parameter(lin.bias.index_select(0, ix_t))
+            lin.out_features = len(ix)
+        mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.index_select(1, ix_t))
+        mlp.down_proj.in_features = len(ix)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(ix)
+    model.config.intermediate_size = len(kept[0])
