@@ -117,18 +117,22 @@ def _index_checkpoint(src: Path) -> dict[str, list[_TensorEntry]]:
     return shards
 
 
-def _to_tensor(entry: _TensorEntry, buf: bytes) -> torch.Tensor:
+def _read_into(f, entry: _TensorEntry) -> tuple[bytearray, torch.Tensor]:
+    """Read one tensor's bytes from the current file position: one buffer, no extra copy."""
     if entry.dtype not in _ST_DTYPES:
         raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
-    if entry.end == entry.begin:
-        return torch.empty(entry.shape, dtype=_ST_DTYPES[entry.dtype])
-    return torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[entry.dtype]).reshape(entry.shape)
+    buf = bytearray(entry.end - entry.begin)
+    if f.readinto(buf) != len(buf):
+        raise CheckpointError(f"{entry.file}: truncated while reading {entry.name}")
+    if not buf:
+        return buf, torch.empty(entry.shape, dtype=_ST_DTYPES[entry.dtype])
+    return buf, torch.frombuffer(buf, dtype=_ST_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
 def _read_tensor(entry: _TensorEntry) -> torch.Tensor:
     with open(entry.file, "rb") as f:
         f.seek(entry.begin)
-        return _to_tensor(entry, f.read(entry.end - entry.begin))
+        return _read_into(f, entry)[1]
 
 
 def _stream_shard(path: Path, entries: list[_TensorEntry], hasher) -> Iterator[tuple[_TensorEntry, torch.Tensor]]:
@@ -138,59 +142,104 @@ def _stream_shard(path: Path, entries: list[_TensorEntry], hasher) -> Iterator[t
         for e in entries:
             if e.begin > pos:
                 hasher.update(f.read(e.begin - pos))
-            buf = f.read(e.end - e.begin)
+            buf, t = _read_into(f, e)
             hasher.update(buf)
             pos = e.end
-            yield e, _to_tensor(e, buf)
+            yield e, t
         while block := f.read(1 << 23):
             hasher.update(block)
 
 
-class _ShardWriter:
-    """Buffers tensors and flushes a safetensors shard whenever `max_bytes` would be exceeded."""
+_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.bucket: dict[str, torch.Tensor] = {}
-        self.bucket_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.bytes_written = 0
+
+class ShardWriter:
+    """Writes safetensors shards tensor by tensor, never holding more than the tensor being written.
+
+    The output layout (names, dtypes, shapes, in write order) is known up front, so each shard's
+    header is written first and tensor bytes are streamed after it. Shards are split greedily at
+    `max_bytes`; `write` must be called in layout order.
+    """
+
+    def __init__(self, out_dir: Path, layout: list[tuple[str, torch.dtype, list[int]]], max_bytes: int):
+        self.out_dir = out_dir
+        self.shards: list[list[tuple[str, torch.dtype, list[int], int]]] = [[]]
+        size = 0
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, dtype, list(shape), nbytes))
+            size += nbytes
+        n = len(self.shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
+        self.pos = 0
+        self.file = None
+        self.current = -1
         self.tensor_bytes = 0
+        self.bytes_written = 0
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.bucket and self.bucket_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.bucket[name] = t.contiguous()
-        self.bucket_bytes += nbytes
+    def _open(self, si: int) -> None:
+        self._close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape, nbytes in self.shards[si]:
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors itself writes
+        self.file = open(self.out_dir / (self.names[si] + ".tmp"), "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.current = si
+
+    def _close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.bytes_written += (self.out_dir / (self.names[self.current] + ".tmp")).stat().st_size
+            os.replace(self.out_dir / (self.names[self.current] + ".tmp"), self.out_dir / self.names[self.current])
+            self.file = None
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        si, (exp_name, dtype, shape, nbytes) = self.order[self.pos]
+        if name != exp_name or t.dtype != dtype or list(t.shape) != shape:
+            raise RuntimeError(f"ShardWriter: got {name} {t.dtype} {list(t.shape)}, expected {exp_name} {dtype} {shape}")
+        if si != self.current:
+            self._open(si)
+        if nbytes:
+            self.file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         self.tensor_bytes += nbytes
-
-    def flush(self) -> None:
-        if not self.bucket:
-            return
-        tmp_name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.bucket, str(self.out_dir / tmp_name), metadata={"format": "pt"})
-        self.bytes_written += (self.out_dir / tmp_name).stat().st_size
-        self.files.append((tmp_name, list(self.bucket)))
-        self.bucket, self.bucket_bytes = {}, 0
+        self.pos += 1
 
     def finish(self) -> None:
-        """Rename parts to HF's names and write the index (only when sharded)."""
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(self.out_dir / self.files[0][0], self.out_dir / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (tmp_name, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out_dir / tmp_name, self.out_dir / final)
-            weight_map.update({k: final for k in names})
-        atomic_write_json(self.out_dir / "model.safetensors.index.json",
-                          {"metadata": {"total_size": self.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        if self.pos != len(self.order):
+            raise RuntimeError(f"ShardWriter: {len(self.order) - self.pos} tensors were never written")
+        self._close()
+        if len(self.names) > 1:
+            weight_map = {name: self.names[si] for si, (name, *_rest) in self.order}
+            atomic_write_json(self.out_dir / "model.safetensors.index.json",
+                              {"metadata": {"total_size": self.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 # ---------------------------------------------------------------- the pruning stage
+
+def _mlp_parts(name: str) -> list[str] | None:
+    """['model', 'layers', i, 'mlp', proj, 'weight'|'bias'] for a gated-MLP tensor name, else None."""
+    parts = name.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[3] == "mlp" and parts[4] in MLP_PROJ:
+        return parts
+    return None
+
+
+def _pruned_shape(name: str, shape: list[int], k: int) -> list[int]:
+    """gate/up weight [I, H] and bias [I] keep k rows; down weight [H, I] keeps k columns; its bias stays."""
+    parts = _mlp_parts(name)
+    if not parts:
+        return list(shape)
+    if parts[4] in ("gate_proj", "up_proj"):
+        return [k] + list(shape[1:])
+    return [shape[0], k] if parts[5] == "weight" else list(shape)
+
 
 def read_model_config(src: Path) -> dict:
     cfg_path = src / "config.json"
@@ -261,7 +310,9 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    writer = _ShardWriter(tmp, max_shard_mb * 1024 * 1024)
+    layout = [(e.name, _ST_DTYPES.get(e.dtype, torch.uint8), _pruned_shape(e.name, e.shape, k))
+              for entries in shards.values() for e in entries]
+    writer = ShardWriter(tmp, layout, max_shard_mb * 1024 * 1024)
     file_hashes = {}
     params_before = params_after = mlp_before = mlp_after = 0
     index_tensors = [torch.tensor(ix, dtype=torch.long) for ix in kept]
@@ -270,10 +321,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
         for e, t in _stream_shard(src / shard_name, entries, h):
             bytes_read += e.end - e.begin
             params_before += t.numel()
-            parts = e.name.split(".")
-            is_mlp = len(parts) >= 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" \
-                and parts[4] in MLP_PROJ
-            if is_mlp:
+            parts = _mlp_parts(e.name)
+            if parts:
                 mlp_before += t.numel()
                 ix = index_tensors[int(parts[2])]
                 # gate/up weight [I, H] and bias [I] lose rows; down weight [H, I] loses columns, its bias stays.
@@ -283,7 +332,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
                     t = t.index_select(1, ix)
                 mlp_after += t.numel()
             params_after += t.numel()
-            writer.add(e.name, t)
+            writer.write(e.name, t)
         file_hashes[shard_name] = h.hexdigest()
     writer.finish()
 
