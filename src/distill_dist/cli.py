@@ -82,8 +82,9 @@ def cmd_eval(cfg: RunConfig) -> dict | None:
         "device": str(device),
         "wall_s": wall,
     }
-    out = write_eval(cfg.eval.output_dir, metrics, per_example, meta)
-    _save_config(cfg, Path(cfg.eval.output_dir), "config.yaml")
+    out_dir = Path(cfg.eval.output_dir or Path(cfg.output_dir) / "eval" / Path(model_path).name)
+    out = write_eval(out_dir, metrics, per_example, meta)
+    _save_config(cfg, out_dir, "config.yaml")
     m = metrics
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     print(f"{cfg.eval.split}: n={m['n']} acc={fmt(m['acc'])} nll={fmt(m['nll'])} brier={fmt(m['brier'])} "

@@ -84,7 +84,7 @@ class EvalConfig:
     limit: Optional[int] = None  # first N examples (smoke runs)
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda
-    output_dir: str = "${output_dir}/eval"
+    output_dir: Optional[str] = None  # null = <output_dir>/eval/<name of the evaluated checkpoint dir>
 
 
 @dataclass
