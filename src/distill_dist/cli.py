@@ -97,6 +97,14 @@ def _plan_sha(path: str) -> str | None:
     return json.loads(p.read_text()).get("plan_sha256") if p.is_file() else None
 
 
+# ---------------------------------------------------------------- train
+
+def cmd_train(cfg: RunConfig) -> dict | None:
+    from .train import run_training
+
+    return run_training(cfg)
+
+
 # ---------------------------------------------------------------- make-tiny
 
 def cmd_make_tiny(cfg: RunConfig) -> Path:
@@ -155,6 +163,7 @@ def cmd_demo(cfg: RunConfig) -> list[dict]:
 COMMANDS = {
     "prune": (cmd_prune, "structured L2 pruning of MLP neurons -> a smaller standard checkpoint"),
     "eval": (cmd_eval, "CommonsenseQA accuracy and calibration (runs under torchrun for sharded eval)"),
+    "train": (cmd_train, "recover the pruned student: train.arm=ce (labels) or kl (teacher); torchrun for ZeRO-3"),
     "make-tiny": (cmd_make_tiny, "write a randomly initialised tiny OLMo2/Llama (tests, benchmarks)"),
     "demo": (cmd_demo, "CPU demo on a synthetic task: tiny model, prune, evaluate"),
 }
@@ -170,17 +179,33 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.schedule=[0.5]")
     args = parser.parse_args(argv)
     fn = COMMANDS[args.command][0]
+    from .train import EXIT_PREEMPTED, Preempted
+
     try:
         overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + list(args.overrides)
         cfg = load_config(args.config, overrides)
         fn(cfg)
+        code = 0
     except UserError as e:
         print(f"distill-dist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = getattr(e, "exit_code", EXIT_USER_ERROR)
+    except Preempted:
+        code = EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("distill-dist: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        code = 130
+    _shutdown_process_group(clean=code == 0)
+    return code
+
+
+def _shutdown_process_group(clean: bool) -> None:
+    """Leave the process group explicitly: exiting with it alive can abort in its destructor."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -88,6 +88,48 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    """One recovery arm. CE (L2PFT) sees labels; KL (L2PSD) sees only the frozen teacher's logits."""
+
+    arm: str = "kl"  # ce | kl
+    # auto: ce for the CE arm, kl (forward KL(p_teacher || p_student)) for the KL arm.
+    # Beyond the paper: reverse_kl, jsd (generalised JSD with jsd_beta), mixed (alpha*CE + (1-alpha)*KL).
+    loss: str = "auto"
+    # answer: the next-token distribution after "Answer:"; all: every prompt position (KL) /
+    # full-sequence LM loss on prompt + answer (CE).
+    positions: str = "answer"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    alpha: float = 0.5
+    student: Optional[str] = None  # the pruned checkpoint; null = prune.output_dir
+    output_dir: str = "${output_dir}/${train.arm}"
+    max_steps: int = 100  # optimizer steps (per stage for iterative schedules)
+    micro_batch_size: int = 4  # per rank
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 1.0
+    seed: int = 0  # data order (and anything random) for this run
+    save_every: int = 50  # steps between checkpoints (0 = only at the end and on preemption)
+    keep_checkpoints: int = 2
+    chunk_size: int = 1024  # positions per loss chunk through the LM head
+    deepspeed: bool = True  # false: plain single-process torch (reference runs, debugging)
+    ds_config: str = "ds_configs/student_zero3.json"
+    teacher_ds_config: str = "ds_configs/teacher_zero3_inference.json"
+    # Merged into both DeepSpeed configs, dotted keys allowed, e.g.
+    # train.ds_overrides={zero_optimization.stage3_param_persistence_threshold: 0}
+    ds_overrides: Dict[str, Any] = field(default_factory=dict)
+    eval_after: bool = True
+    tensorboard: bool = False
+
+    @property
+    def loss_kind(self) -> str:
+        return {"ce": "ce", "kl": "kl"}[self.arm] if self.loss == "auto" else self.loss
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -95,6 +137,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _check_keys(user: Any, schema: type, prefix: str) -> None:
@@ -196,6 +239,26 @@ def validate(cfg: Any) -> None:
         _require(p.score in PRUNE_SCORES, "prune.score", f"one of {PRUNE_SCORES}", p.score)
         _require(p.round_to >= 1, "prune.round_to", "an integer >= 1", p.round_to)
         _require(p.max_shard_mb >= 1, "prune.max_shard_mb", "an integer >= 1", p.max_shard_mb)
+    if hasattr(cfg, "train"):
+        tr = cfg.train
+        _require(tr.arm in ("ce", "kl"), "train.arm", "ce or kl", tr.arm)
+        _require(tr.loss in ("auto", "ce", "kl", "reverse_kl", "jsd", "mixed"), "train.loss",
+                 "auto, ce, kl, reverse_kl, jsd or mixed", tr.loss)
+        if tr.arm == "kl":
+            _require(tr.loss_kind not in ("ce", "mixed"), "train.loss",
+                     "a label-free loss for the KL arm (kl, reverse_kl, jsd); mixed/ce need train.arm=ce", tr.loss)
+        _require(tr.positions in ("answer", "all"), "train.positions", "answer or all", tr.positions)
+        _require(tr.temperature > 0, "train.temperature", "a positive number", tr.temperature)
+        _require(0 < tr.jsd_beta < 1, "train.jsd_beta", "a number in (0, 1)", tr.jsd_beta)
+        _require(0 <= tr.alpha <= 1, "train.alpha", "a number in [0, 1]", tr.alpha)
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "chunk_size", "keep_checkpoints"):
+            _require(getattr(tr, name) > 0, f"train.{name}", "a positive integer", getattr(tr, name))
+        for name in ("warmup_steps", "save_every"):
+            _require(getattr(tr, name) >= 0, f"train.{name}", "an integer >= 0", getattr(tr, name))
+        _require(tr.lr > 0, "train.lr", "a positive number", tr.lr)
+        _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
+        _require(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", tr.min_lr_ratio)
+        _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
     if hasattr(cfg, "eval"):
         e = cfg.eval
         _require(e.split in SPLITS, "eval.split", f"one of {SPLITS}", e.split)
@@ -224,4 +287,5 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-_SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, DataConfig, PruneConfig, EvalConfig, RunConfig)}
+_SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, DataConfig, PruneConfig, EvalConfig, TrainConfig,
+                                     RunConfig)}

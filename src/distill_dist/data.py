@@ -165,3 +165,28 @@ def encode_choices(tokenizer, prompt: str, targets=TARGETS, add_bos: bool = Fals
     if add_bos and tokenizer.bos_token_id is not None:
         context = [tokenizer.bos_token_id] + context
     return context, conts
+
+
+def build_train_examples(tokenizer, ds: datasets.Dataset, arm: str, positions: str, max_length: int,
+                         add_bos: bool = False) -> list[dict]:
+    """Tokenised training rows: {id, input_ids, positions[, labels]}.
+
+    `positions` index the input tokens whose next-token distribution is supervised. The KL arm's rows
+    carry no labels at all (and are built without reading `answer`), so it cannot learn from gold.
+    """
+    rows = []
+    for r in ds:
+        ctx, conts = encode_choices(tokenizer, format_prompt(r["question"], r["choices"]), add_bos=add_bos)
+        if arm == "kl":
+            ids = ctx[-max_length:]
+            pos = list(range(len(ids))) if positions == "all" else [len(ids) - 1]
+            rows.append({"id": r["id"], "input_ids": ids, "positions": pos})
+            continue
+        if r["answer"] < 0:
+            raise DataError(f"training row {r['id']} has no answer: the CE arm needs a labelled split")
+        full = (ctx + conts[r["answer"]])[-(max_length + 1):]
+        n_target = len(conts[r["answer"]])
+        ids = full[:-1]
+        pos = list(range(len(ids))) if positions == "all" else list(range(len(ids) - n_target, len(ids)))
+        rows.append({"id": r["id"], "input_ids": ids, "positions": pos, "labels": [full[p + 1] for p in pos]})
+    return rows
