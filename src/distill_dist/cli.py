@@ -105,6 +105,17 @@ def cmd_train(cfg: RunConfig) -> dict | None:
     return run_training(cfg)
 
 
+# ---------------------------------------------------------------- report
+
+def cmd_report(cfg: RunConfig) -> str:
+    from .report import make_report
+
+    md, _ = make_report(cfg.report.runs, cfg.report.output_dir, cfg.report.teacher_eval, cfg.report.pruned_eval)
+    print(md)
+    print(f"report: {Path(cfg.report.output_dir) / 'report.md'} (+ report.csv, accuracy_vs_keep_ratio.png, calibration.png)")
+    return md
+
+
 # ---------------------------------------------------------------- make-tiny
 
 def cmd_make_tiny(cfg: RunConfig) -> Path:
@@ -127,47 +138,26 @@ def cmd_make_tiny(cfg: RunConfig) -> Path:
 
 # ---------------------------------------------------------------- demo
 
-def cmd_demo(cfg: RunConfig) -> list[dict]:
-    """The CPU demo: synthetic CSQA-format data, a tiny OLMo2, prune, evaluate before and after."""
-    from dataclasses import replace
+def cmd_demo(cfg: RunConfig) -> str:
+    """The CPU demo: synthetic task, tiny OLMo2 teacher, prune, both recovery arms on 2 ranks, report."""
+    from .demo import run_demo
 
-    from .models import build_tiny_model
-    from .synthetic import train_tokenizer, write_synthetic_csqa
-
-    root = Path(cfg.output_dir)
-    data_dir = write_synthetic_csqa(root / "data")
-    tok = train_tokenizer(data_dir)
-    teacher_dir = root / "teacher"
-    model = build_tiny_model(cfg.tiny, tok)
-    model.save_pretrained(teacher_dir)
-    tok.save_pretrained(teacher_dir)
-    cfg = replace(cfg, model=replace(cfg.model, path=str(teacher_dir), tokenizer=None),
-                  data=replace(cfg.data, source="jsonl", path=str(data_dir)))
-    plan = cmd_prune(cfg)
-    results = []
-    for name, path in (("teacher", teacher_dir), ("pruned", Path(cfg.prune.output_dir))):
-        ecfg = replace(cfg, eval=replace(cfg.eval, model=str(path), output_dir=str(root / "eval" / name)))
-        r = cmd_eval(ecfg)
-        results.append({"name": name, **r})
-    print()
-    print("| model | keep ratio | params | acc | nll | ece | entropy |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        m = r["metrics"]
-        ratio = 1.0 if r["name"] == "teacher" else plan["keep_ratio"]
-        print(f"| {r['name']} | {ratio:.2f} | {r['model']['params']:,} | {m['acc']:.3f} | {m['nll']:.3f} | "
-              f"{m['ece']:.3f} | {m['entropy']:.3f} |")
-    return results
+    return run_demo(cfg, cmd_prune, cmd_eval)
 
 
 COMMANDS = {
     "prune": (cmd_prune, "structured L2 pruning of MLP neurons -> a smaller standard checkpoint"),
     "eval": (cmd_eval, "CommonsenseQA accuracy and calibration (runs under torchrun for sharded eval)"),
     "train": (cmd_train, "recover the pruned student: train.arm=ce (labels) or kl (teacher); torchrun for ZeRO-3"),
+    "report": (cmd_report, "table + plots comparing finished runs: distill-dist report RUN_DIR... [key=value]"),
     "make-tiny": (cmd_make_tiny, "write a randomly initialised tiny OLMo2/Llama (tests, benchmarks)"),
-    "demo": (cmd_demo, "CPU demo on a synthetic task: tiny model, prune, evaluate"),
+    "demo": (cmd_demo, "CPU demo: tiny OLMo2 teacher, prune, CE and KL recovery on 2 ranks (ZeRO-3), report"),
 }
-DEMO_DEFAULTS = ["output_dir=runs/demo", "prune.schedule=[0.25]", "prune.overwrite=true", "eval.batch_size=32", "data.max_length=128"]
+DEMO_DEFAULTS = [
+    "output_dir=runs/demo", "prune.schedule=[0.1]", "prune.overwrite=true", "eval.batch_size=64",
+    "data.max_length=64", "train.max_steps=300", "train.micro_batch_size=8", "train.lr=1e-3", "train.warmup_steps=20",
+    "train.save_every=100", "train.temperature=1.0",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     from .train import EXIT_PREEMPTED, Preempted
 
     try:
-        overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + list(args.overrides)
+        overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + [o for o in args.overrides if "=" in o]
+        positional = [o for o in args.overrides if "=" not in o]
+        if positional and args.command != "report":
+            raise ConfigError(f"unexpected argument '{positional[0]}': overrides are key=value")
+        if positional:
+            overrides.append("report.runs=[" + ",".join(json.dumps(p) for p in positional) + "]")
         cfg = load_config(args.config, overrides)
         fn(cfg)
         code = 0

@@ -130,6 +130,27 @@ class TrainConfig:
 
 
 @dataclass
+class ReportConfig:
+    runs: List[str] = field(default_factory=list)  # run dirs (train.output_dir of each arm)
+    teacher_eval: Optional[str] = None  # eval.json (or its dir) of the unpruned teacher, for "delta vs teacher"
+    pruned_eval: Optional[str] = None  # eval.json (or its dir) of the pruned model before recovery
+    output_dir: str = "${output_dir}/report"
+
+
+@dataclass
+class DemoConfig:
+    """Only for `distill-dist demo`: the synthetic task and the teacher's pre-training."""
+
+    train_examples: int = 8000
+    eval_examples: int = 400
+    teacher_steps: int = 1200
+    teacher_batch: int = 32
+    teacher_lr: float = 3e-3
+    seed: int = 0
+    ranks: int = 2  # torchrun processes per recovery arm
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +159,8 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def _check_keys(user: Any, schema: type, prefix: str) -> None:
@@ -288,4 +311,4 @@ def to_yaml(cfg: Any) -> str:
 
 
 _SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, DataConfig, PruneConfig, EvalConfig, TrainConfig,
-                                     RunConfig)}
+                                     ReportConfig, DemoConfig, RunConfig)}

@@ -1,8 +1,10 @@
 """A synthetic task in CommonsenseQA's exact file format, and a tokenizer trained on it.
 
 The CPU demo needs a teacher that is clearly above chance after a minute of training, with no
-downloads: "Which of these is a <category>?" with one member of the category among four distractors
-is learnable by a two-layer model, and exercises the real jsonl loader and prompt format.
+downloads: questions about a fixed table of facts ("Where does <person> live?") are learnable by a
+two-layer model in seconds, and exercise the real jsonl loader and prompt format. (Harder variants,
+with the options shuffled per question, need the model to match the recalled fact against the
+options and take thousands of steps: too slow for a CPU demo.)
 """
 from __future__ import annotations
 
@@ -13,33 +15,31 @@ from pathlib import Path
 from .data import LABELS, OFFICIAL_FILES, format_prompt
 from .fileio import atomic_write_text
 
-CATEGORIES = {
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon"],
-    "animal": ["horse", "tiger", "rabbit", "wolf", "otter", "camel", "zebra", "mouse", "sheep", "goat"],
-    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
-    "tool": ["hammer", "wrench", "saw", "drill", "chisel", "shovel", "rake", "pliers", "axe", "file"],
-    "vehicle": ["car", "truck", "bus", "train", "bicycle", "tram", "scooter", "van", "boat", "plane"],
-    "instrument": ["piano", "violin", "drum", "flute", "guitar", "trumpet", "harp", "cello", "oboe", "banjo"],
-    "country": ["france", "japan", "brazil", "kenya", "canada", "india", "peru", "norway", "egypt", "chile"],
-    "sport": ["tennis", "soccer", "hockey", "rugby", "golf", "boxing", "rowing", "skiing", "cricket", "judo"],
+# 240 made-up two-syllable names ("bako", "rimu", ...): more facts than a pruned MLP can hold.
+_SYL = ["ba", "ko", "ri", "mu", "te", "lo", "si", "na", "du", "fe", "gi", "po", "ze", "ha", "vu", "ja"]
+PEOPLE = [a + b for a in _SYL for b in _SYL if a != b][:240]
+# Four relations, each with its five answers always listed in the same order: the answer letter is a
+# fact about the person that the model can only produce by having memorised it, which is what MLP
+# blocks hold and what pruning them removes.
+RELATIONS = {
+    "Where does {} live?": ["paris", "tokyo", "lima", "cairo", "oslo"],
+    "What does {} eat?": ["rice", "bread", "soup", "fish", "beans"],
+    "What does {} play?": ["chess", "tennis", "golf", "cards", "piano"],
+    "What does {} drive?": ["a car", "a bus", "a van", "a truck", "a tram"],
 }
+FACTS = {(q, p): random.Random(f"{q}|{p}").randrange(5) for q in RELATIONS for p in PEOPLE}
 
 
 def make_rows(n: int, seed: int, with_answers: bool = True, prefix: str = "syn") -> list[dict]:
     rng = random.Random(seed)
-    cats = sorted(CATEGORIES)
     rows = []
     for i in range(n):
-        cat = rng.choice(cats)
-        others = rng.sample([c for c in cats if c != cat], 4)
-        options = [rng.choice(CATEGORIES[cat])] + [rng.choice(CATEGORIES[c]) for c in others]
-        gold = rng.randrange(5)
-        options[0], options[gold] = options[gold], options[0]
+        template, person = rng.choice(sorted(RELATIONS)), rng.choice(PEOPLE)
         row = {"id": f"{prefix}-{seed}-{i}",
-               "question": {"stem": f"Which of these is a {cat}?",
-                            "choices": [{"label": l, "text": t} for l, t in zip(LABELS, options)]}}
+               "question": {"stem": template.format(person),
+                            "choices": [{"label": l, "text": t} for l, t in zip(LABELS, RELATIONS[template])]}}
         if with_answers:
-            row["answerKey"] = LABELS[gold]
+            row["answerKey"] = LABELS[FACTS[(template, person)]]
         rows.append(row)
     return rows
 
