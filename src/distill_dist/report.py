@@ -151,6 +151,7 @@ def plot(rows: list[dict], runs: list[dict], teacher_eval: dict | None, out_dir:
     if teacher_eval:
         ax.axhline(teacher_eval["metrics"]["acc"], color="gray", ls="--", label="unpruned teacher")
     ax.axhline(0.2, color="lightgray", ls=":", label="chance")
+    ax.set_xlim(0, 1.02)
     ax.set_xlabel("MLP keep ratio")
     ax.set_ylabel("CSQA accuracy")
     ax.legend(fontsize=8)

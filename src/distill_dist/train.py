@@ -320,6 +320,7 @@ def run_training(cfg: RunConfig) -> dict | None:
             teacher_lm = load_causal_lm(teacher_dir, "float32", device).requires_grad_(False)
             teacher_engine = TeacherHidden(teacher_lm).eval()
     student_module = engine.module if engine is not None else student
+    _write_sharding_report(run_dir, rank, world_size, student_module, teacher_engine, engine)
 
     # ---- resume
     ckpt_root = run_dir / "checkpoints"
@@ -395,6 +396,31 @@ def run_training(cfg: RunConfig) -> dict | None:
 
 
 # ---------------------------------------------------------------- steps of the recipe
+
+def _write_sharding_report(run_dir: Path, rank: int, world_size: int, student, teacher_engine, engine) -> None:
+    """Per rank: how much of each parameter this rank holds (ZeRO-3 shards), and whether the teacher has
+    an optimizer. A user checking memory layout, and the tests, read it."""
+    def layout(module):
+        out = {}
+        for name, p in module.named_parameters():
+            full = getattr(p, "ds_numel", p.numel())
+            local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            out[name] = [local, full]
+        return out
+
+    report = {"rank": rank, "world_size": world_size, "student": layout(student),
+              "student_has_optimizer": engine is not None and engine.optimizer is not None}
+    if teacher_engine is not None:
+        t = _teacher_module(teacher_engine)
+        report["teacher"] = layout(t)
+        # Without an optimizer DeepSpeed puts only its parameter-partitioning manager (DeepSpeedZeRoOffload,
+        # no optimizer state) where the optimizer would be.
+        opt = getattr(teacher_engine, "optimizer", None)
+        report["teacher_optimizer"] = type(opt).__name__ if opt is not None else None
+        report["teacher_has_optimizer"] = opt is not None and type(opt).__name__ != "DeepSpeedZeRoOffload"
+        report["teacher_requires_grad"] = any(p.requires_grad for p in t.parameters())
+    atomic_write_json(run_dir / "sharding" / f"rank{rank}.json", report)
+
 
 def _make_optimizer(model, tr, device):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("norm.weight", "bias"))]
