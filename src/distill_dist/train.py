@@ -338,49 +338,52 @@ def run_training(cfg: RunConfig) -> dict | None:
     # ---- the loop
     bar = tqdm(total=tr.max_steps, initial=start_step, desc=f"{tr.arm} recovery", unit="step", disable=not is_main)
     step = start_step
-    while step < tr.max_steps:
-        t0 = time.time()
-        lr_now = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        batch_rows = global_batch(len(examples), step, gbs, tr.seed)
-        loss_sum, tokens = 0.0, 0
-        for micro in range(tr.grad_accum):
-            rows = [examples[i] for i in micro_slice(batch_rows, micro, rank, world_size, tr.micro_batch_size)]
-            batch = collate(rows, pad_id, device)
-            tokens += int(batch["attention_mask"].sum())
-            loss_sum += _micro_step(engine, student, teacher_engine, batch, spec, tr, step, micro, ckpt_root)
-            if engine is not None:
-                engine.step()  # applies the update at the accumulation boundary only
-        if engine is None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), tr.grad_clip if tr.grad_clip > 0 else float("inf")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        step += 1
-        mean_loss = _all_reduce(loss_sum / tr.grad_accum) / world_size
-        all_tokens = _all_reduce(tokens)
-        dt = time.time() - t0
-        if is_main:
-            record = {"step": step, "loss": mean_loss, "lr": lr_now, "grad_norm": grad_norm,
-                      "tokens_per_s": all_tokens / dt, "step_time_s": dt, "peak_memory_bytes": _peak_memory_bytes(device)}
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tb is not None:
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    tb.add_scalar(f"train/{k}", record[k], step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{all_tokens / dt:.0f}")
-            bar.update(1)
-        preempt = _all_reduce(1.0 if stop["flag"] else 0.0) > 0
-        if preempt or (tr.save_every and step % tr.save_every == 0) or step == tr.max_steps:
-            _save(engine, student, optimizer, scheduler, ckpt_root, step, rank, tr.keep_checkpoints)
-        if preempt and step < tr.max_steps:
-            bar.close()
+    try:
+        while step < tr.max_steps:
+            t0 = time.time()
+            lr_now = scheduler.get_last_lr()[0]  # the rate this step's update uses
+            batch_rows = global_batch(len(examples), step, gbs, tr.seed)
+            loss_sum, tokens = 0.0, 0
+            for micro in range(tr.grad_accum):
+                rows = [examples[i] for i in micro_slice(batch_rows, micro, rank, world_size, tr.micro_batch_size)]
+                batch = collate(rows, pad_id, device)
+                tokens += int(batch["attention_mask"].sum())
+                loss_sum += _micro_step(engine, student, teacher_engine, batch, spec, tr, step, micro, ckpt_root)
+                if engine is not None:
+                    engine.step()  # applies the update at the accumulation boundary only
+            if engine is None:
+                clip = tr.grad_clip if tr.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            step += 1
+            mean_loss = _all_reduce(loss_sum / tr.grad_accum) / world_size
+            all_tokens = _all_reduce(tokens)
+            dt = time.time() - t0
             if is_main:
-                print(f"stop signal: checkpoint at step {step} in {ckpt_root}; exiting with {EXIT_PREEMPTED} for requeue")
-            raise Preempted()
-    bar.close()
+                record = {"step": step, "loss": mean_loss, "lr": lr_now, "grad_norm": grad_norm,
+                          "tokens_per_s": all_tokens / dt, "step_time_s": dt, "peak_memory_bytes": _peak_memory_bytes(device)}
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if tb is not None:
+                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        tb.add_scalar(f"train/{k}", record[k], step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{all_tokens / dt:.0f}")
+                bar.update(1)
+            preempt = _all_reduce(1.0 if stop["flag"] else 0.0) > 0
+            if preempt or (tr.save_every and step % tr.save_every == 0) or step == tr.max_steps:
+                _save(engine, student, optimizer, scheduler, ckpt_root, step, rank, tr.keep_checkpoints)
+            if preempt and step < tr.max_steps:
+                bar.close()
+                if is_main:
+                    print(f"stop signal: checkpoint at step {step} in {ckpt_root}; exiting with {EXIT_PREEMPTED} for requeue")
+                raise Preempted()
+    finally:
+        bar.close()  # an error message then starts on its own line
 
     # ---- export the recovered student as a standard checkpoint, evaluate it, mark the run done
     final_dir = run_dir / "final"
