@@ -256,3 +256,23 @@ def test_tinystories_kl_recovery_lowers_heldout_kl(tmp_path):
     after = heldout_kl(load_causal_lm(str(tmp_path / "kl" / "final")))
     assert before > 0.01
     assert after < 0.9 * before, (before, after)
+
+
+def test_iterative_schedule_prunes_between_stages(setup, tmp_path):
+    root = setup["root"]
+    sched = ["prune.mode=iterative", "prune.schedule=[0.5,0.25]", f"prune.output_dir={tmp_path / 'pruned'}"]
+    assert cli.main(["prune", f"model.path={root / 'teacher'}", *sched]) == 0
+    base = [a for a in setup["base"] if not a.startswith("train.student=")]
+    run = tmp_path / "kl"
+    assert cli.main(["train", *base, *sched, "train.arm=kl", "train.max_steps=3", "train.deepspeed=false",
+                     f"train.output_dir={run}"]) == 0
+    plan0 = json.loads((tmp_path / "pruned" / "pruning_plan.json").read_text())
+    done = json.loads((run / "done.json").read_text())
+    assert done["plan_sha256"] == plan0["plan_sha256"] and done["keep_ratio"] == 0.25
+    assert json.loads((run / "stage0" / "final" / "config.json").read_text())["intermediate_size"] == 64
+    final = AutoModelForCausalLM.from_pretrained(run / "stage1" / "final")
+    assert final.config.intermediate_size == 32  # ceil(0.25 * 128): counted against the original size
+    stage1_plan = json.loads((run / "stage1" / "student" / "pruning_plan.json").read_text())
+    assert stage1_plan["root_fingerprint"] == plan0["source_fingerprint"]
+    assert len(metrics(run / "stage0")) == len(metrics(run / "stage1")) == 3
+    assert (run / "eval" / "eval.json").is_file()

@@ -100,9 +100,9 @@ def _plan_sha(path: str) -> str | None:
 # ---------------------------------------------------------------- train
 
 def cmd_train(cfg: RunConfig) -> dict | None:
-    from .train import run_training
+    from .train import run_recovery
 
-    return run_training(cfg)
+    return run_recovery(cfg)
 
 
 # ---------------------------------------------------------------- report

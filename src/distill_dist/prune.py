@@ -268,8 +268,11 @@ def _source_identity(src: Path) -> list:
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio: float, score: str = "gate_up_down",
                      round_to: int = 1, max_shard_mb: int = 2000, tokenizer=None, overwrite: bool = False,
-                     log=print) -> dict:
-    """Prune `src` into a new checkpoint dir `out`; returns the plan (also written to out/pruning_plan.json)."""
+                     log=print, keep: int | None = None) -> dict:
+    """Prune `src` into a new checkpoint dir `out`; returns the plan (also written to out/pruning_plan.json).
+
+    `keep` fixes the neuron count per layer directly (iterative schedules count against the original size).
+    """
     src, out = Path(src), Path(out)
     settings = {"keep_ratio": keep_ratio, "score": score, "round_to": round_to}
     if (out / PLAN_FILE).is_file():
@@ -285,7 +288,9 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     t0 = time.time()
     mcfg = read_model_config(src)
     n_layers, inter = mcfg["num_hidden_layers"], mcfg["intermediate_size"]
-    k = keep_count(inter, keep_ratio, round_to)
+    k = keep if keep is not None else keep_count(inter, keep_ratio, round_to)
+    if not 0 < k <= inter:
+        raise CheckpointError(f"cannot keep {k} of {inter} MLP neurons per layer")
     shards = _index_checkpoint(src)
     by_name = {e.name: e for entries in shards.values() for e in entries}
     for layer in range(n_layers):
@@ -346,9 +351,14 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
 
     entries = [("config.json", sha256_file(src / "config.json"))] + sorted(file_hashes.items())
     source_fp = sha256_bytes(canonical_json([list(e) for e in entries]).encode())
+    # The unpruned model at the root of a chain of prunes (iterative schedules prune pruned students):
+    # the teacher a KL arm must distil from.
+    src_plan = src / PLAN_FILE
+    root_fp = json.loads(src_plan.read_text()).get("root_fingerprint", source_fp) if src_plan.is_file() else source_fp
     plan = {
         "format": PLAN_FORMAT,
         "source_fingerprint": source_fp,
+        "root_fingerprint": root_fp,
         "architecture": mcfg["architectures"][0],
         "num_layers": n_layers,
         "hidden_size": mcfg["hidden_size"],

@@ -251,9 +251,10 @@ def run_training(cfg: RunConfig) -> dict | None:
     teacher_fp = None
     if spec.needs_teacher and is_main:
         teacher_fp = checkpoint_fingerprint(teacher_dir)
-        if teacher_fp != plan["source_fingerprint"]:
+        root_fp = plan.get("root_fingerprint", plan["source_fingerprint"])
+        if teacher_fp != root_fp:
             raise ConfigError(f"model.path '{teacher_dir}' is not the checkpoint the student was pruned from "
-                              f"(fingerprint {teacher_fp[:12]} vs the plan's {plan['source_fingerprint'][:12]})")
+                              f"(fingerprint {teacher_fp[:12]} vs the plan's {root_fp[:12]})")
 
     tok = load_tokenizer(cfg.model.tokenizer or student_dir)
     train_ds = load_split(cfg.data, "train")
@@ -394,6 +395,54 @@ def run_training(cfg: RunConfig) -> dict | None:
     if is_main:
         atomic_write_json(run_dir / DONE_FILE, result)
         print(f"{tr.arm} recovery done: {run_dir}")
+    _barrier()
+    return result
+
+
+def run_recovery(cfg: RunConfig) -> dict | None:
+    """One-shot: one training run. Iterative (prune.mode=iterative, keep 0.9 -> 0.7 -> 0.5): one run per
+    stage under <train.output_dir>/stageN; between stages the recovered student is exported (gathered from
+    its ZeRO-3 shards), pruned further on disk, and training continues from it with a fresh optimizer
+    and LR schedule of train.max_steps steps. Keep counts are relative to the original MLP size."""
+    from dataclasses import replace
+
+    from .prune import keep_count, prune_checkpoint
+
+    tr, schedule = cfg.train, list(cfg.prune.schedule)
+    if cfg.prune.mode != "iterative" or len(schedule) == 1:
+        return run_training(cfg)
+    run_dir = Path(tr.output_dir)
+    if (run_dir / DONE_FILE).is_file():
+        print(f"{run_dir} is complete ({DONE_FILE} exists); nothing to do")
+        return json.loads((run_dir / DONE_FILE).read_text())
+    first_student = tr.student or cfg.prune.output_dir
+    plan0 = load_plan(first_student)
+    if abs(plan0["keep_ratio"] - schedule[0]) > 1e-9:
+        raise ConfigError(f"{first_student} was pruned to keep {plan0['keep_ratio']}, but prune.schedule starts at "
+                          f"{schedule[0]}")
+    original = plan0["intermediate_size_before"]
+    student, result = first_student, None
+    for i, ratio in enumerate(schedule):
+        stage_dir = run_dir / f"stage{i}"
+        if i > 0:
+            student = str(stage_dir / "student")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                prune_checkpoint(run_dir / f"stage{i - 1}" / "final", student, ratio, plan0["score"],
+                                 cfg.prune.round_to, cfg.prune.max_shard_mb,
+                                 keep=keep_count(original, ratio, cfg.prune.round_to))
+            _barrier()
+        last = i == len(schedule) - 1
+        result = run_training(replace(cfg, train=replace(tr, output_dir=str(stage_dir), student=student,
+                                                         eval_after=tr.eval_after and last)))
+    # The run as a whole: starts from plan0 (shared by both arms), ends at the last ratio.
+    last_plan = load_plan(result["final"])
+    result.update(run_dir=str(run_dir), plan_sha256=plan0["plan_sha256"], keep_ratio=schedule[-1],
+                  params_after=last_plan["params"]["total_after"], params_before=plan0["params"]["total_before"],
+                  stages=[str(run_dir / f"stage{i}") for i in range(len(schedule))])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if (run_dir / f"stage{len(schedule) - 1}" / "eval").is_dir():
+            shutil.copytree(run_dir / f"stage{len(schedule) - 1}" / "eval", run_dir / "eval", dirs_exist_ok=True)
+        atomic_write_json(run_dir / DONE_FILE, result)
     _barrier()
     return result
 
