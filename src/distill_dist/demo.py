@@ -6,6 +6,7 @@ launched with torchrun -> report. The real run is the same commands with configs
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -56,16 +57,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_arm(cfg_path: Path, arm: str, ranks: int) -> None:
+def launch_arm(cfg_path: Path, arm: str, ranks: int, quiet: bool = False) -> None:
     """One recovery arm as a real torchrun job (gloo on CPU), as a user would launch it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "distill_dist.cli", "train", "--config", str(cfg_path), f"train.arm={arm}",
            f"train.output_dir={cfg_path.parent / arm}"]
-    print(f"$ {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if not quiet:
+        print(f"$ {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=quiet, text=True)
     if proc.returncode != 0:
-        raise UserError(f"the {arm.upper()} arm's torchrun job failed with exit code {proc.returncode}")
+        detail = f": {proc.stderr.strip().splitlines()[-1]}" if quiet and proc.stderr.strip() else ""
+        raise UserError(f"the {arm.upper()} arm's torchrun job failed with exit code {proc.returncode}{detail}")
 
 
 def run_demo(cfg: RunConfig, prune_fn, eval_fn) -> str:
