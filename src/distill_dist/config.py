@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,7 +43,7 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 4
     max_position_embeddings: int = 512
-    # null = the tokenizer's size rounded up to a multiple of 64 (OLMo2 pads 100278 to 100352 = 128*784).
+    # null = the tokenizer's size rounded up to a multiple of 128 (as OLMo2 pads 100278 to 100352 = 128*784).
     vocab_size: Optional[int] = None
     seed: int = 0
 
@@ -193,7 +194,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. prune.schedule=[0.5])")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 

@@ -79,7 +79,7 @@ def _normalise(row: Any, where: str) -> dict:
     key = row.get("answerKey")
     if key is None or key == "":
         answer = -1
-    elif key.strip() in LABELS:
+    elif isinstance(key, str) and key.strip() in LABELS:
         answer = LABELS.index(key.strip())
     else:
         raise DataError(f"{where}: answerKey {key!r} is not one of the choice labels {list(LABELS)}")

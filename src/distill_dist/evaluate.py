@@ -91,7 +91,7 @@ def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device,
     return logliks
 
 
-def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> dict:
+def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> tuple[dict, np.ndarray]:
     """acc (argmax loglik), and NLL / Brier / ECE / entropy of the softmax over the five choices."""
     z = logliks - logliks.max(axis=1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)

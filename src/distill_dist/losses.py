@@ -58,6 +58,26 @@ def divergence_sum(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, ta
     return d * tau * tau
 
 
+def cached_kl_sum(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_ids: torch.Tensor, t_log_tail: torch.Tensor,
+                  tau: float) -> torch.Tensor:
+    """Forward KL from a top-k teacher cache: the teacher is k tokens plus one tail bucket holding the rest
+    of its mass; the student's tail is 1 - its mass on the teacher's top-k ids. Exact when k = V.
+
+    t_logprobs [N, k] are the teacher's log-probabilities at temperature tau, t_ids [N, k], t_log_tail [N].
+    """
+    log_ps = torch.log_softmax(_up(s_logits) / tau, dim=-1)
+    log_ps_k = log_ps.gather(1, t_ids.long())
+    # log of the student's remaining mass, computed stably from the tokens outside the top-k
+    outside = log_ps.scatter(1, t_ids.long(), float("-inf"))
+    log_ps_tail = torch.logsumexp(outside, dim=-1)
+    t_k, t_tail = _up(t_logprobs), _up(t_log_tail)
+    kl_k = (t_k.exp() * (t_k - log_ps_k)).sum()
+    q_tail = t_tail.exp()
+    # 0 * log 0 = 0: no tail when the cache holds the whole vocabulary
+    kl_tail = torch.where(q_tail > 0, q_tail * (t_tail - log_ps_tail), torch.zeros_like(q_tail)).sum()
+    return (kl_k + kl_tail) * tau * tau
+
+
 def loss_sum_from_logits(s_logits, t_logits, labels, spec: LossSpec) -> torch.Tensor:
     if spec.kind == "ce":
         return F.cross_entropy(_up(s_logits), labels, reduction="sum")
@@ -71,9 +91,30 @@ def chunked_loss(student_hidden: torch.Tensor, student_head: Callable[[torch.Ten
                  spec: LossSpec, labels: torch.Tensor | None = None,
                  teacher_hidden: torch.Tensor | None = None,
                  teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 chunk_size: int = 1024) -> torch.Tensor:
-    """Mean loss over the N supervised positions; hidden states are [N, H] at those positions."""
+                 chunk_size: int = 1024, teacher_cache: tuple | None = None) -> torch.Tensor:
+    """Mean loss over the N supervised positions; hidden states are [N, H] at those positions.
+
+    The teacher is either live (its hidden states + LM head) or a top-k cache
+    (`teacher_cache` = (logprobs [N, k], ids [N, k], log_tail [N]), forward KL only).
+    """
     n = student_hidden.shape[0]
+    if teacher_cache is not None:
+        if spec.kind != "kl":
+            raise ValueError(f"a top-k teacher cache supports train.loss=kl only, not '{spec.kind}'")
+        if labels is not None:
+            raise ValueError("loss 'kl' must not see labels (self-distillation is label-free)")
+
+        def cached_chunk(h_s, lp, ids, tail):
+            return cached_kl_sum(student_head(h_s), lp, ids, tail, spec.temperature)
+
+        total = _up(student_hidden.new_zeros(()))
+        for i in range(0, n, chunk_size):
+            args = (student_hidden[i: i + chunk_size], *(t[i: i + chunk_size] for t in teacher_cache))
+            if torch.is_grad_enabled() and student_hidden.requires_grad:
+                total = total + checkpoint(cached_chunk, *args, use_reentrant=False)
+            else:
+                total = total + cached_chunk(*args)
+        return total / max(n, 1)
     if spec.needs_labels and labels is None:
         raise ValueError(f"loss '{spec.kind}' needs labels")
     if not spec.needs_labels and labels is not None:

@@ -60,7 +60,7 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised OLMo2 or Llama sized by `cfg`, with the tokenizer's special ids."""
     from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-    vocab = cfg.vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)
+    vocab = cfg.vocab_size or int(math.ceil(len(tokenizer) / 128) * 128)
     if vocab < len(tokenizer):
         raise CheckpointError(f"tiny.vocab_size = {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     common = dict(

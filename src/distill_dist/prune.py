@@ -54,7 +54,7 @@ def keep_count(intermediate_size: int, keep_ratio: float, round_to: int = 1) -> 
 def neuron_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, score: str) -> torch.Tensor:
     """Per-neuron L2 norm in float64; gate/up are [I, H], down is [H, I]."""
     def sq(w: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.linalg.vector_norm(w.float(), dim=dim).double() ** 2
+        return torch.linalg.vector_norm(w.double(), dim=dim) ** 2
 
     if score == "gate_up_down":
         s = sq(gate, 1) + sq(up, 1) + sq(down, 0)
@@ -275,16 +275,22 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     """
     src, out = Path(src), Path(out)
     settings = {"keep_ratio": keep_ratio, "score": score, "round_to": round_to}
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"prune.output_dir {out} is the source checkpoint; choose another directory")
     if (out / PLAN_FILE).is_file():
         old = json.loads((out / PLAN_FILE).read_text())
         same = (old.get("provenance", {}).get("source_identity") == _source_identity(src)
-                and all(old.get(k) == v for k, v in settings.items()))
+                and all(old.get(k) == v for k, v in settings.items())
+                and (keep is None or old.get("intermediate_size_after") == keep))
         if same and not overwrite:
             log(f"{out} already holds this pruning (plan {old['plan_sha256'][:12]}); nothing to do")
             return old
         if not overwrite:
             raise CheckpointError(f"{out} already holds a different pruning (plan {old.get('plan_sha256', '?')[:12]}); "
                                   "choose another prune.output_dir or set prune.overwrite=true")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not a pruned checkpoint; choose another prune.output_dir "
+                              "(or set prune.overwrite=true to replace it)")
     t0 = time.time()
     mcfg = read_model_config(src)
     n_layers, inter = mcfg["num_hidden_layers"], mcfg["intermediate_size"]

@@ -170,7 +170,8 @@ def plot(rows: list[dict], runs: list[dict], teacher_eval: dict | None, out_dir:
     ax.set_xlabel("confidence (max probability over A-E)")
     ax.set_ylabel("accuracy")
     ax.set_title("Calibration")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save_fig(fig, out_dir / "calibration.png"))
     plt.close(fig)

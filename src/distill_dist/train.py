@@ -123,6 +123,9 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
 
 def build_ds_config(path: str, cfg: RunConfig, device: torch.device, training: bool) -> dict:
     """Load a DeepSpeed JSON (comments allowed), fill its "auto" values from the run config."""
+    repo_default = Path(__file__).resolve().parents[2] / path  # the repo's ds_configs/, from any cwd
+    if not Path(path).is_file() and not Path(path).is_absolute() and repo_default.is_file():
+        path = str(repo_default)
     if not Path(path).is_file():
         raise ConfigError(f"config field 'train.{'ds_config' if training else 'teacher_ds_config'}': "
                           f"no such file '{path}'")

@@ -1,0 +1,126 @@
+"""Shared fixtures: the real reference data beside the repo (or a skip), and small synthetic stand-ins.
+
+Everything the tests write goes under pytest's tmp dirs; the reference data is only ever read.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared/data beside the repository root (never copied into the project).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Keep the 2-core machine responsive and runs reproducible.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under the shared reference data, or a clean skip naming what is missing."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"reference data not available: {p} is missing")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not available: {SHARED_DATA} is missing")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def csqa_dir(shared_data) -> Path:
+    return shared_path("commonsense_qa", "dev_rand_split.jsonl").parent
+
+
+@pytest.fixture(scope="session")
+def olmo2_tokenizer_file(shared_data) -> Path:
+    return shared_path("tokenizers", "olmo2", "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def olmo2_tokenizer(olmo2_tokenizer_file):
+    from distill_dist.models import load_tokenizer
+
+    return load_tokenizer(str(olmo2_tokenizer_file))
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir(shared_data) -> Path:
+    return shared_path("models", "TinyStories-656K", "model.safetensors").parent
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> Path:
+    """Synthetic CSQA in the official jsonl layout: 200 train / 40 dev / 20 test (no answers) rows."""
+    from distill_dist.synthetic import write_synthetic_csqa
+
+    return write_synthetic_csqa(tmp_path_factory.mktemp("synthetic_csqa"), n_train=200, n_dev=40, n_test=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE (512 tokens) trained on its own synthetic CSQA files."""
+    from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
+
+    data = write_synthetic_csqa(tmp_path_factory.mktemp("tok_data"), n_train=200, n_dev=40, n_test=20, seed=0)
+    return train_tokenizer(data)
+
+
+TINY_HIDDEN, TINY_INTER, TINY_LAYERS = 64, 192, 2
+
+
+def randomize_(model, seed: int = 0, std: float = 0.15) -> None:
+    """Redraw every weight so that each MLP neuron matters.
+
+    The default init (std 0.02) makes MLP outputs ~1e-4 of the logits, so a 1e-5 equivalence check
+    could not tell the right neurons from the wrong ones. Matrices get N(0, std^2), norm weights
+    1 + N(0, 0.2^2) (so copying them wrong would show too).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def make_tiny_model(tokenizer, architecture: str = "olmo2", seed: int = 0, hidden: int = TINY_HIDDEN,
+                    inter: int = TINY_INTER, layers: int = TINY_LAYERS, heads: int = 4):
+    from distill_dist.config import TinyModelConfig
+    from distill_dist.models import build_tiny_model
+
+    cfg = TinyModelConfig(architecture=architecture, hidden_size=hidden, intermediate_size=inter,
+                          num_layers=layers, num_heads=heads, num_kv_heads=heads, seed=seed)
+    model = build_tiny_model(cfg, tokenizer)
+    randomize_(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_olmo2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random tiny OLMo2 (hidden 64, MLP 192, 2 layers, vocab 512) + tokenizer, saved in 100 KB shards.
+
+    Session-scoped and shared: tests only read it (prune writes elsewhere).
+    """
+    out = tmp_path_factory.mktemp("tiny_olmo2")
+    model = make_tiny_model(tiny_tokenizer)
+    model.save_pretrained(out, max_shard_size="100KB")
+    tiny_tokenizer.save_pretrained(out)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file(), "fixture must be multi-shard"
+    return out
+
+
+@pytest.fixture()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,205 @@
+"""Config loading: every bad input is one ConfigError (or one CLI error line) that names the field."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distill_dist import cli
+from distill_dist.config import RunConfig, load_config
+from distill_dist.errors import ConfigError
+
+TOP_KEYS = "data, demo, eval, model, output_dir, prune, report, tiny, train"
+PRUNE_KEYS = "max_shard_mb, mode, output_dir, overwrite, round_to, schedule, score"
+
+
+def _yaml(tmp_path, text: str):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- unknown keys
+
+@pytest.mark.parametrize("via", ["yaml", "override"])
+def test_unknown_top_level_key(tmp_path, via):
+    if via == "yaml":
+        args = (_yaml(tmp_path, "output_dir: x\nouptut_dir: y\n"), [])
+    else:
+        args = (None, ["ouptut_dir=y"])
+    with pytest.raises(ConfigError) as e:
+        load_config(*args)
+    msg = str(e.value)
+    assert "'ouptut_dir'" in msg
+    assert f"valid keys here: {TOP_KEYS}" in msg
+
+
+@pytest.mark.parametrize("via", ["yaml", "override"])
+def test_unknown_nested_key(tmp_path, via):
+    if via == "yaml":
+        args = (_yaml(tmp_path, "prune:\n  schedule: [0.5]\n  keep_ratio: 0.5\n"), [])
+    else:
+        args = (None, ["prune.keep_ratio=0.5"])
+    with pytest.raises(ConfigError) as e:
+        load_config(*args)
+    msg = str(e.value)
+    assert "'prune.keep_ratio'" in msg
+    assert f"valid keys here: {PRUNE_KEYS}" in msg
+
+
+def test_unknown_key_in_yaml_is_caught_even_when_override_is_valid(tmp_path):
+    with pytest.raises(ConfigError, match=r"'eval\.bach_size'"):
+        load_config(_yaml(tmp_path, "eval:\n  bach_size: 4\n"), ["eval.batch_size=8"])
+
+
+def test_section_given_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match=r"'tiny' must be a mapping"):
+        load_config(None, ["tiny=3"])
+
+
+# ---------------------------------------------------------------- ranges
+
+@pytest.mark.parametrize("schedule, index, value", [
+    ("[0]", 0, "0.0"), ("[1.5]", 0, "1.5"), ("[-0.25]", 0, "-0.25"), ("[0.5,-0.1]", 1, "-0.1"),
+])
+def test_keep_ratio_out_of_range(schedule, index, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"prune.schedule={schedule}"])
+    msg = str(e.value)
+    assert f"'prune.schedule[{index}]' = {value}" in msg
+    assert "(0, 1]" in msg
+
+
+def test_keep_ratio_from_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"'prune\.schedule\[0\]' = 1\.5"):
+        load_config(_yaml(tmp_path, "prune:\n  schedule: [1.5]\n"))
+
+
+def test_keep_ratio_boundary_one_is_allowed():
+    assert load_config(None, ["prune.schedule=[1.0]"]).prune.keep_ratio == 1.0
+
+
+def test_schedule_must_decrease():
+    with pytest.raises(ConfigError, match=r"'prune\.schedule' = \[0\.5, 0\.6\]: expected strictly decreasing"):
+        load_config(None, ["prune.schedule=[0.5,0.6]"])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("tiny.hidden_size=-1", "tiny.hidden_size"),
+    ("data.max_length=0", "data.max_length"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("tiny.num_layers=-3", "tiny.num_layers"),
+    ("data.train_examples=0", "data.train_examples"),
+    ("eval.limit=-5", "eval.limit"),
+])
+def test_non_positive_sizes(override, field):
+    value = override.split("=")[1]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"config field '{field}' = {value}" in str(e.value)
+
+
+def test_bad_choice_lists_choices():
+    with pytest.raises(ConfigError, match=r"'prune\.score' = 'l1'.*gate_up_down"):
+        load_config(None, ["prune.score=l1"])
+
+
+# ---------------------------------------------------------------- files, types, syntax
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as e:
+        load_config(missing)
+    assert str(missing) in str(e.value)
+
+
+def test_yaml_syntax_error_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(_yaml(tmp_path, "prune:\n  schedule: [0.5\n"))
+
+
+def test_type_error_names_field():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.seed=abc"])
+    msg = str(e.value)
+    assert "'data.seed'" in msg and "abc" in msg
+
+
+@pytest.mark.parametrize("bad", ["prune.schedule", "=0.5"])
+def test_override_without_key_value(bad):
+    with pytest.raises(ConfigError, match=r"is not of the form key=value"):
+        load_config(None, [bad])
+
+
+def test_unparsable_override_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot parse overrides"):
+        load_config(None, ["prune.schedule=[0.5"])
+
+
+def test_cli_positional_argument_is_refused(capsys):
+    assert cli.main(["prune", "prune.schedule"]) == 2
+    lines = _error_lines(capsys)
+    assert lines == ["distill-dist: error: unexpected argument 'prune.schedule': overrides are key=value"]
+
+
+# ---------------------------------------------------------------- interpolation and defaults
+
+def test_interpolation_resolves(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "output_dir: /runs/exp1\n"), [])
+    assert cfg.prune.output_dir == "/runs/exp1/pruned"
+    assert cfg.report.output_dir == "/runs/exp1/report"
+    cfg = load_config(None, ["output_dir=/a/b", "train.arm=ce"])
+    assert cfg.train.output_dir == "/a/b/ce"
+
+
+def test_override_beats_yaml(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "eval:\n  batch_size: 4\nprune:\n  schedule: [0.5]\n"),
+                      ["eval.batch_size=9", "prune.schedule=[0.25]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.eval.batch_size == 9 and cfg.prune.schedule == [0.25]
+
+
+def test_bad_interpolation_names_field():
+    with pytest.raises(ConfigError, match=r"'prune\.output_dir'.*nope"):
+        load_config(None, ["prune.output_dir=${nope}/x"])
+
+
+# ---------------------------------------------------------------- the CLI's one error line
+
+def test_cli_missing_model_dir_is_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "no_such_checkpoint"
+    code = cli.main(["prune", f"model.path={missing}", f"prune.output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("distill-dist: error:")
+    assert "'model.path'" in lines[0] and str(missing) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_keep_ratio_is_one_error_line(tmp_path, capsys):
+    code = cli.main(["prune", f"model.path={tmp_path}", "prune.schedule=[1.5]"])
+    assert code == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("distill-dist: error:")
+    assert "prune.schedule[0]" in lines[0]
+
+
+def test_cli_one_shot_refuses_two_ratios(tiny_olmo2_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = cli.main(["prune", f"model.path={tiny_olmo2_dir}", "prune.schedule=[0.5,0.25]",
+                     f"prune.output_dir={out}"])
+    assert code == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("distill-dist: error:")
+    assert "'prune.schedule'" in lines[0] and "one_shot" in lines[0]
+    assert not out.exists()
+
+
+def test_cli_config_file_missing(tmp_path, capsys):
+    assert cli.main(["eval", "--config", str(tmp_path / "missing.yaml")]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "config file not found" in lines[0]

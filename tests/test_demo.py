@@ -1,0 +1,48 @@
+"""The CPU demo end to end (teacher, prune, eval, both recovery arms on 2 real torchrun ranks, report), shrunk."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO_ROOT
+from distill_dist import cli
+
+# The defaults train a teacher for 1200 steps and each arm for 300; these keep every stage but take seconds.
+SMALL = [
+    "demo.train_examples=200", "demo.eval_examples=40", "demo.teacher_steps=30", "demo.teacher_batch=8",
+    "tiny.intermediate_size=128", "train.max_steps=2", "train.warmup_steps=1", "train.save_every=0",
+    # the defaults are relative to the repo root; the test may run from anywhere
+    f"train.ds_config={REPO_ROOT / 'ds_configs' / 'student_zero3.json'}",
+    f"train.teacher_ds_config={REPO_ROOT / 'ds_configs' / 'teacher_zero3_inference.json'}",
+]
+
+
+@pytest.mark.multirank
+def test_demo_end_to_end(tmp_path, capsys):
+    root = tmp_path / "demo"
+    code = cli.main(["demo", f"output_dir={root}", *SMALL])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-4000:]
+
+    teacher = json.loads((root / "eval" / "teacher" / "eval.json").read_text())
+    pruned = json.loads((root / "eval" / "pruned" / "eval.json").read_text())
+    for res in (teacher, pruned):
+        assert res["metrics"]["n"] == 40 and 0.0 <= res["metrics"]["acc"] <= 1.0
+    assert pruned["model"]["params"] < teacher["model"]["params"]
+    assert pruned["model"]["intermediate_size"] == 13  # demo default keep ratio 0.1 of 128, ceil(12.8)
+    plan = json.loads((root / "pruned" / "pruning_plan.json").read_text())
+    assert pruned["model"]["pruning_plan_sha256"] == plan["plan_sha256"]
+    assert plan["source_fingerprint"] == teacher["model"]["fingerprint"]
+    assert plan["params"]["total_after"] == pruned["model"]["params"]
+    for arm in ("ce", "kl"):
+        assert (root / arm / "done.json").is_file(), arm
+    assert (root / "report" / "report.md").is_file()
+    # an existing dir that is not a demo dir is refused with one error line and left alone
+    other = tmp_path / "not_a_demo"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert cli.main(["demo", f"output_dir={other}", *SMALL]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill-dist: error:")]
+    assert len(err) == 1 and "is not a demo dir" in err[0]
+    assert (other / "keep.txt").read_text() == "x"
