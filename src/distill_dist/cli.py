@@ -105,6 +105,14 @@ def cmd_train(cfg: RunConfig) -> dict | None:
     return run_recovery(cfg)
 
 
+# ---------------------------------------------------------------- cache-teacher
+
+def cmd_cache_teacher(cfg: RunConfig) -> dict | None:
+    from .cache import run_cache_teacher
+
+    return run_cache_teacher(cfg)
+
+
 # ---------------------------------------------------------------- report
 
 def cmd_report(cfg: RunConfig) -> str:
@@ -149,6 +157,7 @@ COMMANDS = {
     "prune": (cmd_prune, "structured L2 pruning of MLP neurons -> a smaller standard checkpoint"),
     "eval": (cmd_eval, "CommonsenseQA accuracy and calibration (runs under torchrun for sharded eval)"),
     "train": (cmd_train, "recover the pruned student: train.arm=ce (labels) or kl (teacher); torchrun for ZeRO-3"),
+    "cache-teacher": (cmd_cache_teacher, "precompute the teacher's top-k log-probs for the KL arm (teacher.source=cache)"),
     "report": (cmd_report, "table + plots comparing finished runs: distill-dist report RUN_DIR... [key=value]"),
     "make-tiny": (cmd_make_tiny, "write a randomly initialised tiny OLMo2/Llama (tests, benchmarks)"),
     "demo": (cmd_demo, "CPU demo: tiny OLMo2 teacher, prune, CE and KL recovery on 2 ranks (ZeRO-3), report"),
@@ -167,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.schedule=[0.5]")
+        if name == "cache-teacher":
+            p.add_argument("--shard", type=int, help="compute only this shard (Slurm array task id)")
+            p.add_argument("--num-shards", type=int, help="total number of shards (the array size)")
     args = parser.parse_args(argv)
     fn = COMMANDS[args.command][0]
     from .train import EXIT_PREEMPTED, Preempted
@@ -178,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unexpected argument '{positional[0]}': overrides are key=value")
         if positional:
             overrides.append("report.runs=[" + ",".join(json.dumps(p) for p in positional) + "]")
+        if getattr(args, "shard", None) is not None:
+            overrides.append(f"teacher.shard={args.shard}")
+        if getattr(args, "num_shards", None) is not None:
+            overrides.append(f"teacher.num_shards={args.num_shards}")
         cfg = load_config(args.config, overrides)
         fn(cfg)
         code = 0

@@ -49,6 +49,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Where the KL arm's teacher distribution comes from: the live model, or a top-k logit cache."""
+
+    source: str = "live"  # live | cache (the teacher is never loaded while training)
+    cache_dir: str = "${output_dir}/teacher_cache"
+    top_k: int = 64  # teacher log-probs kept per position (+ one tail bucket for the rest)
+    dtype: str = "float16"  # stored log-probs: float16 (388 B/position at k=64) | bfloat16 | float32 (exact)
+    num_shards: Optional[int] = None  # null = ceil(samples / shard_samples)
+    shard_samples: int = 1024
+    shard: Optional[int] = None  # compute this shard only (a Slurm array task); null = all missing shards
+    batch_size: int = 16
+
+
+@dataclass
 class DataConfig:
     # jsonl: a directory with the official CommonsenseQA files (train_rand_split.jsonl, ...);
     # disk: a `datasets` dir saved with save_to_disk; hub: a hub id with the tau/commonsense_qa schema.
@@ -156,6 +170,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -246,6 +261,16 @@ def validate(cfg: Any) -> None:
         _require(t.hidden_size % t.num_heads == 0, "tiny.hidden_size", "a multiple of tiny.num_heads", t.hidden_size)
         _require(t.num_heads % t.num_kv_heads == 0, "tiny.num_kv_heads", "a divisor of tiny.num_heads", t.num_kv_heads)
         _require(t.vocab_size is None or t.vocab_size > 0, "tiny.vocab_size", "a positive integer or null", t.vocab_size)
+    if hasattr(cfg, "teacher"):
+        tc = cfg.teacher
+        _require(tc.source in ("live", "cache"), "teacher.source", "live or cache", tc.source)
+        _require(tc.top_k > 0, "teacher.top_k", "a positive integer", tc.top_k)
+        _require(tc.dtype in DTYPES, "teacher.dtype", f"one of {DTYPES}", tc.dtype)
+        _require(tc.num_shards is None or tc.num_shards > 0, "teacher.num_shards", "a positive integer or null",
+                 tc.num_shards)
+        _require(tc.shard_samples > 0, "teacher.shard_samples", "a positive integer", tc.shard_samples)
+        _require(tc.batch_size > 0, "teacher.batch_size", "a positive integer", tc.batch_size)
+        _require(tc.shard is None or tc.shard >= 0, "teacher.shard", "an integer >= 0 or null", tc.shard)
     if hasattr(cfg, "data"):
         d = cfg.data
         _require(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
@@ -311,5 +336,5 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-_SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, DataConfig, PruneConfig, EvalConfig, TrainConfig,
+_SCHEMAS = {c.__name__: c for c in (ModelConfig, TinyModelConfig, TeacherConfig, DataConfig, PruneConfig, EvalConfig, TrainConfig,
                                      ReportConfig, DemoConfig, RunConfig)}

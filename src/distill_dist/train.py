@@ -63,10 +63,11 @@ class StudentWithLoss(torch.nn.Module):
         super().__init__()
         self.lm, self.spec, self.chunk_size = lm, spec, chunk_size
 
-    def forward(self, input_ids, attention_mask, rows, cols, labels=None, teacher_hidden=None, teacher_head=None):
+    def forward(self, input_ids, attention_mask, rows, cols, labels=None, teacher_hidden=None, teacher_head=None,
+                teacher_cache=None):
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return chunked_loss(hidden[rows, cols], self.lm.lm_head, self.spec, labels, teacher_hidden, teacher_head,
-                            self.chunk_size)
+                            self.chunk_size, teacher_cache)
 
 
 class TeacherHidden(torch.nn.Module):
@@ -76,7 +77,7 @@ class TeacherHidden(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, rows, cols):
+    def forward(self, input_ids, attention_mask, rows, cols, **_):
         return self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, cols]
 
 
@@ -221,6 +222,28 @@ def init_process_group(use_deepspeed: bool) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def load_frozen_teacher(cfg: RunConfig, teacher_dir: str, device: torch.device, use_deepspeed: bool | None = None):
+    """The unpruned model, frozen: a ZeRO-3 inference engine (no optimizer, no grads) under DeepSpeed,
+    else a plain module. Either returns final hidden states at the supervised positions."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not (cfg.train.deepspeed if use_deepspeed is None else use_deepspeed):
+        from .models import load_causal_lm
+
+        return TeacherHidden(load_causal_lm(teacher_dir, "float32", device).requires_grad_(False)).eval()
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    ds_teacher = build_ds_config(cfg.train.teacher_ds_config, cfg, device, training=False)
+    keep_alive = HfDeepSpeedConfig(ds_teacher)  # noqa: F841 (from_pretrained reads it through a weak ref)
+    teacher_lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).eval().requires_grad_(False)
+    engine = deepspeed.initialize(model=TeacherHidden(teacher_lm), config=ds_teacher)[0]
+    engine.eval()
+    unset_hf_deepspeed_config()
+    return engine
+
+
 # ---------------------------------------------------------------- the recipe
 
 def run_training(cfg: RunConfig) -> dict | None:
@@ -237,7 +260,16 @@ def run_training(cfg: RunConfig) -> dict | None:
     plan = load_plan(student_dir)
     spec = LossSpec(kind=tr.loss_kind, temperature=tr.temperature, jsd_beta=tr.jsd_beta, alpha=tr.alpha)
     teacher_dir = cfg.model.path
-    if spec.needs_teacher:
+    live_teacher = spec.needs_teacher and cfg.teacher.source == "live"
+    cache = None
+    if spec.needs_teacher and not live_teacher:
+        from .cache import TeacherCache
+
+        cache = TeacherCache.open(cfg.teacher.cache_dir)  # checksums verified; fingerprint checked below
+        if cache.vocab_size != _config_json(student_dir).get("vocab_size"):
+            raise ConfigError(f"teacher cache vocab_size {cache.vocab_size} != student vocab_size "
+                              f"{_config_json(student_dir).get('vocab_size')}: distillation needs the same vocabulary")
+    if live_teacher:
         if not teacher_dir or not Path(teacher_dir).is_dir():
             raise ConfigError(f"config field 'model.path': the {tr.arm.upper()} arm needs the unpruned teacher; "
                               f"no such directory '{teacher_dir}'")
@@ -252,7 +284,7 @@ def run_training(cfg: RunConfig) -> dict | None:
     is_main = rank == 0
 
     teacher_fp = None
-    if spec.needs_teacher and is_main:
+    if live_teacher and is_main:
         teacher_fp = checkpoint_fingerprint(teacher_dir)
         root_fp = plan.get("root_fingerprint", plan["source_fingerprint"])
         if teacher_fp != root_fp:
@@ -267,13 +299,20 @@ def run_training(cfg: RunConfig) -> dict | None:
         raise ConfigError(f"{len(examples)} training examples < one global batch ({gbs} = micro_batch_size "
                           f"{tr.micro_batch_size} x world {world_size} x grad_accum {tr.grad_accum})")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if cache is not None:
+        from .cache import expected_fingerprint
+
+        cache.check(expected_fingerprint(cfg, plan.get("root_fingerprint", plan["source_fingerprint"]), tok),
+                    [r["id"] for r in examples])
+        teacher_fp = cache.fingerprint_sha256
 
     meta = {
         "arm": tr.arm, "loss": vars(spec) | {"positions": tr.positions},
         "plan_sha256": plan["plan_sha256"], "keep_ratio": plan["keep_ratio"],
         "prune": {"schedule": list(cfg.prune.schedule), "mode": cfg.prune.mode, "score": plan["score"]},
         "params_before": plan["params"]["total_before"], "params_after": plan["params"]["total_after"],
-        "teacher": {"source": "live" if spec.needs_teacher else "none", "path": teacher_dir if spec.needs_teacher else None,
+        "teacher": {"source": ("live" if live_teacher else "cache") if spec.needs_teacher else "none",
+                    "path": (teacher_dir if live_teacher else cfg.teacher.cache_dir) if spec.needs_teacher else None,
                     "fingerprint": teacher_fp},
         "schedule": {"max_steps": tr.max_steps, "global_batch": gbs, "lr": tr.lr, "warmup_steps": tr.warmup_steps,
                      "min_lr_ratio": tr.min_lr_ratio, "weight_decay": tr.weight_decay, "grad_clip": tr.grad_clip,
@@ -299,13 +338,6 @@ def run_training(cfg: RunConfig) -> dict | None:
             optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio))
         engine, optimizer, _, scheduler = deepspeed.initialize(model=student, optimizer=optimizer,
                                                                lr_scheduler=scheduler, config=ds_student)
-        teacher_engine = None
-        if spec.needs_teacher:
-            ds_teacher = build_ds_config(tr.teacher_ds_config, cfg, device, training=False)
-            keep_alive = HfDeepSpeedConfig(ds_teacher)
-            teacher_lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).eval().requires_grad_(False)
-            teacher_engine = deepspeed.initialize(model=TeacherHidden(teacher_lm), config=ds_teacher)[0]
-            teacher_engine.eval()
         del keep_alive
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
         unset_hf_deepspeed_config()
@@ -319,10 +351,7 @@ def run_training(cfg: RunConfig) -> dict | None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio))
         engine = None
-        teacher_engine = None
-        if spec.needs_teacher:
-            teacher_lm = load_causal_lm(teacher_dir, "float32", device).requires_grad_(False)
-            teacher_engine = TeacherHidden(teacher_lm).eval()
+    teacher_engine = load_frozen_teacher(cfg, teacher_dir, device) if live_teacher else None
     student_module = engine.module if engine is not None else student
     _write_sharding_report(run_dir, rank, world_size, student_module, teacher_engine, engine)
 
@@ -352,6 +381,8 @@ def run_training(cfg: RunConfig) -> dict | None:
                 rows = [examples[i] for i in micro_slice(batch_rows, micro, rank, world_size, tr.micro_batch_size)]
                 batch = collate(rows, pad_id, device)
                 tokens += int(batch["attention_mask"].sum())
+                if cache is not None:
+                    batch["teacher_cache"] = cache.lookup(rows, device)
                 loss_sum += _micro_step(engine, student, teacher_engine, batch, spec, tr, step, micro, ckpt_root)
                 if engine is not None:
                     engine.step()  # applies the update at the accumulation boundary only
@@ -491,7 +522,7 @@ def _micro_step(engine, student, teacher_engine, batch, spec: LossSpec, tr, step
     if not spec.needs_labels and labels is not None:
         raise AssertionError("the KL arm's batches must not carry labels")
     teacher_hidden, teacher_head, gather = None, None, nullcontext()
-    if spec.needs_teacher:
+    if spec.needs_teacher and "teacher_cache" not in batch:
         with torch.no_grad():
             teacher_hidden = teacher_engine(**batch)
         head_w = _teacher_module(teacher_engine).lm.lm_head.weight
