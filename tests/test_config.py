@@ -1,6 +1,8 @@
 """Config loading: every bad input is one ConfigError (or one CLI error line) that names the field."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -8,7 +10,7 @@ from distill_dist import cli
 from distill_dist.config import RunConfig, load_config
 from distill_dist.errors import ConfigError
 
-TOP_KEYS = "data, demo, eval, model, output_dir, prune, report, tiny, train"
+TOP_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
 PRUNE_KEYS = "max_shard_mb, mode, output_dir, overwrite, round_to, schedule, score"
 
 
