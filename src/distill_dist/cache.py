@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
@@ -32,6 +32,7 @@ from .data import PROMPT_VERSION, build_train_examples, load_split
 from .errors import CheckpointError, ConfigError, UserError
 from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .models import DTYPES, load_tokenizer
+from .prune import ShardWriter
 
 CACHE_FORMAT = "distill_dist.teacher_cache/v1"
 MANIFEST = "manifest.json"
@@ -219,10 +220,14 @@ def _write_shard(out: Path, i: int, n: int, parts: list, dtype: str, fp_sha: str
     tail = torch.cat([p[3] for p in parts]).to(torch.float32).contiguous()
     offsets = torch.tensor([0] + [len(r["positions"]) for r in rows], dtype=torch.int64).cumsum(0)
     path = out / shard_name(i, n)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"logprobs": values, "ids": ids, "log_tail": tail, "offsets": offsets}, str(tmp),
-              metadata={"sample_ids": json.dumps([r["id"] for r in rows]), "fingerprint_sha256": fp_sha})
-    os.replace(tmp, path)
+    tensors = {"ids": ids, "log_tail": tail, "logprobs": values, "offsets": offsets}
+    # Our own writer, not safetensors.save_file: its metadata order varies between processes, and a
+    # resumed cache must equal a one-shot one byte for byte. It writes .tmp and renames.
+    writer = ShardWriter(out, [(k, t.dtype, list(t.shape)) for k, t in tensors.items()], 1 << 62, names=[path.name],
+                         metadata={"fingerprint_sha256": fp_sha, "sample_ids": json.dumps([r["id"] for r in rows])})
+    for k, t in tensors.items():
+        writer.write(k, t)
+    writer.finish()
     atomic_write_json(_sidecar(path), {"sha256": sha256_file(path), "rows": int(values.shape[0]), "samples": len(rows),
                                        "fingerprint_sha256": fp_sha})
 

@@ -161,8 +161,10 @@ class ShardWriter:
     `max_bytes`; `write` must be called in layout order.
     """
 
-    def __init__(self, out_dir: Path, layout: list[tuple[str, torch.dtype, list[int]]], max_bytes: int):
+    def __init__(self, out_dir: Path, layout: list[tuple[str, torch.dtype, list[int]]], max_bytes: int,
+                 names: list[str] | None = None, metadata: dict[str, str] | None = None):
         self.out_dir = out_dir
+        self.metadata = {"format": "pt", **(metadata or {})}
         self.shards: list[list[tuple[str, torch.dtype, list[int], int]]] = [[]]
         size = 0
         for name, dtype, shape in layout:
@@ -173,7 +175,10 @@ class ShardWriter:
             self.shards[-1].append((name, dtype, list(shape), nbytes))
             size += nbytes
         n = len(self.shards)
-        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if names is not None and len(names) != n:
+            raise ValueError(f"ShardWriter: {len(names)} names for {n} shards")
+        self.names = names or (["model.safetensors"] if n == 1 else
+                               [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
         self.pos = 0
         self.file = None
@@ -183,7 +188,7 @@ class ShardWriter:
 
     def _open(self, si: int) -> None:
         self._close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header, offset = {"__metadata__": self.metadata}, 0  # fixed key order: byte-reproducible files
         for name, dtype, shape, nbytes in self.shards[si]:
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -215,7 +220,7 @@ class ShardWriter:
         if self.pos != len(self.order):
             raise RuntimeError(f"ShardWriter: {len(self.order) - self.pos} tensors were never written")
         self._close()
-        if len(self.names) > 1:
+        if len(self.names) > 1 and self.names[0].startswith("model-"):
             weight_map = {name: self.names[si] for si, (name, *_rest) in self.order}
             atomic_write_json(self.out_dir / "model.safetensors.index.json",
                               {"metadata": {"total_size": self.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))})
