@@ -232,7 +232,7 @@ def _write_shard(out: Path, i: int, n: int, parts: list, dtype: str, fp_sha: str
                                        "fingerprint_sha256": fp_sha})
 
 
-def finalize(out: Path, n_shards: int, fp: dict, fp_sha: str, vocab: int, n_samples: int) -> dict | None:
+def finalize(out: Path, n_shards: int, fp: dict, fp_sha: str, vocab: int, n_samples: int, log=print) -> dict | None:
     shards, missing = [], []
     for i in range(n_shards):
         path = out / shard_name(i, n_shards)
@@ -242,7 +242,7 @@ def finalize(out: Path, n_shards: int, fp: dict, fp_sha: str, vocab: int, n_samp
         meta = json.loads(_sidecar(path).read_text())
         shards.append({"file": path.name, "sha256": meta["sha256"], "rows": meta["rows"], "samples": meta["samples"]})
     if missing:
-        print(f"{n_shards - len(missing)} of {n_shards} shards complete (missing: {missing[:10]}"
+        log(f"{n_shards - len(missing)} of {n_shards} shards complete (missing: {missing[:10]}"
               f"{'...' if len(missing) > 10 else ''}); the manifest is written once all are")
         return None
     rows = sum(s["rows"] for s in shards)
@@ -251,7 +251,7 @@ def finalize(out: Path, n_shards: int, fp: dict, fp_sha: str, vocab: int, n_samp
                 "num_shards": n_shards, "num_samples": n_samples, "num_positions": rows, "bytes": size,
                 "bytes_per_position": size / max(rows, 1), "shards": shards}
     atomic_write_json(out / MANIFEST, manifest)
-    print(f"teacher cache complete: {out} ({n_samples} samples, {rows} positions, {size / 1e6:.1f} MB, "
+    log(f"teacher cache complete: {out} ({n_samples} samples, {rows} positions, {size / 1e6:.1f} MB, "
           f"{size / max(rows, 1):.0f} bytes/position)")
     return manifest
 
