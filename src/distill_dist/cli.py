@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         fn(cfg)
         code = 0
+        _write_done_marker(args.command)
     except UserError as e:
         print(f"distill-dist: error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", EXIT_USER_ERROR)
@@ -207,6 +208,22 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     _shutdown_process_group(clean=code == 0)
     return code
+
+
+def _write_done_marker(command: str) -> None:
+    """$DISTILL_DIST_DONE_FILE, written by rank 0 once the command has fully succeeded: batch scripts judge
+    success by it, not by an exit status that a crash in interpreter teardown could still spoil."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    path = os.environ.get("DISTILL_DIST_DONE_FILE")
+    if not path or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    from .fileio import atomic_write_json
+
+    atomic_write_json(path, {"command": command, "finished_unix": int(time.time())})
 
 
 def _shutdown_process_group(clean: bool) -> None:

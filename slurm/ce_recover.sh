@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# CE arm (L2PFT): cross-entropy fine-tuning of the pruned student on labelled CSQA, for one keep ratio.
+#   sbatch slurm/ce_recover.sh [key=value ...]          e.g. prune.schedule=[0.5] output_dir=runs/keep05
+# Edit the #SBATCH lines for your cluster (partition/account, nodes, GPUs, time). Environment: CONFIG
+# (default configs/olmo2_7b_csqa.yaml), PYTHON, LAUNCHER (see slurm/common.sh). Multi-node: raise
+# --nodes; ranks = nodes x ntasks-per-node. Preemption: USR1 600 s before the end -> checkpoint ->
+# requeue -> resume.
+#SBATCH --job-name=dd-ce
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@600
+#SBATCH --output=%x-%j.out
+source "${DISTILL_DIST_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+run_step train --config "${CONFIG:-configs/olmo2_7b_csqa.yaml}" train.arm=ce "$@"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole reproduction as one Slurm dependency graph (afterok), printing every job id:
+#   teacher eval, teacher-logit cache (array) and one prune per keep ratio
+#   -> CE and KL arms for every keep ratio x training-set size -> report (table + plots).
+#   bash slurm/reproduce.sh [key=value ...]          # overrides go to every job
+# Environment (defaults sized for OLMo2-7B on 8-GPU nodes):
+#   CONFIG=configs/olmo2_7b_csqa.yaml  OUT=runs/reproduce  KEEP_RATIOS="0.7 0.5 0.3"
+#   DATA_SIZES="1000 4000 9741"  TEACHER_SOURCE=cache (or live)  CACHE_SHARDS=16
+#   SBATCH_ARGS="--partition=... --account=..." (every job); ARM_ARGS, CACHE_ARGS, ONE_ARGS (extra
+#   sbatch options for the training jobs, the cache array, and the single-task jobs).
+set -euo pipefail
+cd "${DISTILL_DIST_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+export DISTILL_DIST_ROOT=$PWD
+CONFIG=${CONFIG:-configs/olmo2_7b_csqa.yaml}; export CONFIG
+OUT=${OUT:-runs/reproduce}
+KEEP_RATIOS=${KEEP_RATIOS:-0.7 0.5 0.3}
+DATA_SIZES=${DATA_SIZES:-1000 4000 9741}
+TEACHER_SOURCE=${TEACHER_SOURCE:-cache}
+CACHE_SHARDS=${CACHE_SHARDS:-16}
+read -r -a sbatch_all <<<"${SBATCH_ARGS:-}"
+read -r -a arm_args <<<"${ARM_ARGS:-}"
+read -r -a cache_args <<<"${CACHE_ARGS:-}"
+read -r -a one_args <<<"${ONE_ARGS:-}"
+mkdir -p "$OUT"
+
+submit() {  # prints the job id
+  local id
+  id=$(sbatch --parsable "${sbatch_all[@]}" "$@") || { echo "sbatch failed: $*" >&2; exit 1; }
+  echo "${id%%;*}"
+}
+common=("output_dir=$OUT" "teacher.cache_dir=$OUT/teacher_cache" "$@")
+
+teacher_eval=$(submit "${one_args[@]}" slurm/eval.sh "eval.output_dir=$OUT/eval/teacher" "${common[@]}")
+echo "teacher eval: $teacher_eval"
+cache_dep=""
+if [ "$TEACHER_SOURCE" = cache ]; then
+  cache=$(submit "${cache_args[@]}" --array=0-$((CACHE_SHARDS - 1)) slurm/cache_teacher_logits.sh "${common[@]}")
+  echo "teacher-logit cache (array of $CACHE_SHARDS): $cache"
+  cache_dep=":$cache"
+fi
+train_ids=() run_dirs=()
+for r in $KEEP_RATIOS; do
+  prune=$(submit "${one_args[@]}" slurm/prune.sh "prune.schedule=[$r]" "prune.output_dir=$OUT/keep$r/pruned" "${common[@]}")
+  echo "prune keep $r: $prune"
+  for n in $DATA_SIZES; do
+    for arm in ce kl; do
+      dep="afterok:$prune"
+      [ "$arm" = kl ] && dep+="$cache_dep"
+      dir="$OUT/keep$r/n$n/$arm"
+      id=$(submit "${arm_args[@]}" --dependency="$dep" "slurm/${arm}_recover.sh" "prune.schedule=[$r]" \
+        "prune.output_dir=$OUT/keep$r/pruned" "data.train_examples=$n" "train.output_dir=$dir" \
+        "teacher.source=$TEACHER_SOURCE" "${common[@]}")
+      echo "  $arm keep $r, $n examples: $id -> $dir"
+      train_ids+=("$id") run_dirs+=("$dir")
+    done
+  done
+done
+deps=$(IFS=:; echo "${train_ids[*]}")
+report=$(submit "${one_args[@]}" --dependency="afterok:$deps:$teacher_eval" slurm/report.sh "${run_dirs[@]}" \
+  "report.teacher_eval=$OUT/eval/teacher" "report.output_dir=$OUT/report" "${common[@]}")
+echo "report: $report -> $OUT/report/report.md"

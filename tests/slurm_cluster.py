@@ -1,0 +1,140 @@
+"""A real single-node Slurm cluster on localhost for the Slurm tests: munged + slurmctld + slurmd, all
+state in a temp dir, torn down by PID. Debian's packages: slurmctld slurmd slurm-client munge."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged")
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, root: Path, cpus: int = 2):
+        self.root, self.cpus, self.pids = root, cpus, []
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _munge(self) -> None:
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+            return  # a munged is already running
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            subprocess.run(["mungekey", "--create"], check=True)
+            shutil.chown(key, "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+        for _ in range(50):
+            if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("munged did not start")
+
+    def start(self) -> "SlurmCluster":
+        self._munge()
+        r = self.root
+        for d in ("state", "spool", "log"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+        self.conf.write_text(f"""ClusterName=ddtest
+SlurmctldHost={self.host}
+SlurmctldPort={_port()}
+SlurmdPort={_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+KillWait=10
+MinJobAge=300
+SchedulerParameters=sched_interval=1,bf_interval=1
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        for daemon in ("slurmctld", "slurmd"):
+            p = subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)], env=self.env,
+                                 stdout=subprocess.DEVNULL, stderr=open(r / "log" / f"{daemon}.stderr", "w"),
+                                 start_new_session=True)
+            self.pids.append(p)
+            time.sleep(0.5)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True).stdout
+            if out.strip() in ("idle", "mix", "alloc"):
+                return self
+            if any(p.poll() is not None for p in self.pids):
+                break
+            time.sleep(0.3)
+        self.stop()
+        logs = "".join((r / "log" / f).read_text()[-1500:] for f in os.listdir(r / "log"))
+        raise RuntimeError(f"Slurm did not come up: {logs}")
+
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
+        for p in self.pids:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.pids:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    # ---- helpers for tests
+    def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> str:
+        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})},
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {out.stderr}")
+        return out.stdout.strip().split(";")[0]
+
+    def job_state(self, job: str) -> dict:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env, capture_output=True, text=True).stdout
+        fields = {}
+        for tok in out.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                fields[k] = v
+        return fields
+
+    def wait(self, job: str, timeout: float = 600, states=("COMPLETED",)) -> dict:
+        deadline = time.time() + timeout
+        terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                    "BOOT_FAIL", "DEADLINE"}
+        while time.time() < deadline:
+            st = self.job_state(job)
+            if st.get("JobState") in terminal:
+                return st
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job} not finished after {timeout}s: {self.job_state(job)}")
