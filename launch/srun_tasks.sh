@@ -8,4 +8,7 @@ set -euo pipefail
 export RANK=${SLURM_PROCID:?run me through srun} WORLD_SIZE=${SLURM_NTASKS} LOCAL_RANK=${SLURM_LOCALID}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID} % 20000))}
+# USR1 is ignored until the CLI installs its handler (first thing it does): an early preemption notice
+# must not kill a rank; slurm/common.sh repeats the notice until the step has stopped.
+trap '' USR1
 exec "${PYTHON:-python}" -m distill_dist.cli "$@"

@@ -16,11 +16,17 @@ run_step() {
   echo "distill-dist[$SLURM_JOB_ID]: $(date -Is) on $(hostname -s) (restart ${SLURM_RESTART_COUNT:-0}): $*"
   # In the background + wait: bash runs a trap only between commands, never during a foreground srun.
   srun --kill-on-bad-exit=0 "$LAUNCHER" "$@" &
-  local step=$! rc
-  trap 'echo "distill-dist[$SLURM_JOB_ID]: USR1 (preemption notice): forwarding to the step"; kill -USR1 "$step"' USR1
+  local step=$! rc preempt=0
+  trap 'preempt=1; echo "distill-dist[$SLURM_JOB_ID]: USR1 (preemption notice): forwarding to the step"; kill -USR1 "$step"' USR1
   while :; do
     wait "$step"; rc=$?
     kill -0 "$step" 2>/dev/null || break  # woken by the trap: the step is still checkpointing
+    # A notice that lands while the step is still starting is ignored there (launch/srun_tasks.sh):
+    # repeat it until the step has stopped.
+    while [ "$preempt" = 1 ] && kill -0 "$step" 2>/dev/null; do
+      sleep 10 & wait $!
+      kill -0 "$step" 2>/dev/null && kill -USR1 "$step"
+    done
   done
   trap - USR1
   if [ -f "$DISTILL_DIST_DONE_FILE" ]; then

@@ -39,7 +39,7 @@ class SlurmCluster:
         if not key.exists():
             subprocess.run(["mungekey", "--create"], check=True)
             shutil.chown(key, "munge", "munge")
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"], check=True)  # stale socket ok
         for _ in range(50):
             if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
                 return

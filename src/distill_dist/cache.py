@@ -126,7 +126,8 @@ def shard_complete(path: Path, fp_sha: str) -> bool:
 def run_cache_teacher(cfg: RunConfig) -> dict | None:
     """`distill-dist cache-teacher`: compute missing shards (this rank's share, or teacher.shard), then
     verify all shards and write the manifest when every shard is present."""
-    from .train import _barrier, collate, init_process_group, load_frozen_teacher
+    from .train import (EXIT_PREEMPTED, STOP_REQUESTED, Preempted, _barrier, collate, init_process_group,
+                        load_frozen_teacher)
 
     tc, out = cfg.teacher, Path(cfg.teacher.cache_dir)
     teacher_dir = cfg.model.path
@@ -202,6 +203,10 @@ def run_cache_teacher(cfg: RunConfig) -> dict | None:
             positions += v.shape[0]
             if sum(len(r[0]) for r in results[shard_i]) == len(examples[shard_i * per_shard: (shard_i + 1) * per_shard]):
                 _write_shard(out, shard_i, n_shards, results.pop(shard_i), tc.dtype, fp_sha)
+                if not use_ds and STOP_REQUESTED["flag"]:  # preempted: complete shards stay, the rest is redone
+                    bar.close()
+                    print(f"stop signal: shard {shard_i} written; exiting with {EXIT_PREEMPTED} for requeue")
+                    raise Preempted()
         bar.update(1)
     bar.close()
     elapsed = time.time() - t0

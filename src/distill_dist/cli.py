@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--num-shards", type=int, help="total number of shards (the array size)")
     args = parser.parse_args(argv)
     fn = COMMANDS[args.command][0]
-    from .train import EXIT_PREEMPTED, Preempted
+    from .train import EXIT_PREEMPTED, Preempted, install_stop_handlers
+
+    if args.command in ("train", "cache-teacher"):
+        install_stop_handlers()
 
     try:
         overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + [o for o in args.overrides if "=" in o]

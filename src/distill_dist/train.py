@@ -50,6 +50,16 @@ class Preempted(Exception):
     """A stop signal arrived; a checkpoint was written and the job should be requeued."""
 
 
+STOP_REQUESTED = {"flag": False}
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1 (Slurm's preemption notice) and SIGTERM only set a flag; the loop checkpoints at the end of
+    the current step. Installed first thing in the CLI, so a notice during start-up is not lost."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda *_: STOP_REQUESTED.__setitem__("flag", True))
+
+
 class TrainingDiverged(UserError):
     exit_code = 3
 
@@ -215,6 +225,14 @@ def init_process_group(use_deepspeed: bool) -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce kernel at init, under a file lock in
+            # ~/.cache/torch_extensions; a rank killed while holding it leaves every later job waiting on the
+            # lock forever (seen under Slurm). gloo does the same collectives; skip the kernel.
+            import importlib
+
+            # (importlib: `import deepspeed.comm.torch as m` binds the torch package deepspeed.comm re-exports)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -363,9 +381,7 @@ def run_training(cfg: RunConfig) -> dict | None:
         atomic_write_json(run_dir / "run_meta.json", meta)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    stop = {"flag": False}
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.__setitem__("flag", True))
+    install_stop_handlers()  # no-op if the CLI did it already
     tb = _tensorboard(run_dir) if tr.tensorboard and is_main else None
 
     # ---- the loop
@@ -409,7 +425,7 @@ def run_training(cfg: RunConfig) -> dict | None:
                         tb.add_scalar(f"train/{k}", record[k], step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{all_tokens / dt:.0f}")
                 bar.update(1)
-            preempt = _all_reduce(1.0 if stop["flag"] else 0.0) > 0
+            preempt = _all_reduce(1.0 if STOP_REQUESTED["flag"] else 0.0) > 0
             if preempt or (tr.save_every and step % tr.save_every == 0) or step == tr.max_steps:
                 _save(engine, student, optimizer, scheduler, ckpt_root, step, rank, tr.keep_checkpoints)
             if preempt and step < tr.max_steps:
