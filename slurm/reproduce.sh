@@ -21,11 +21,11 @@ read -r -a sbatch_all <<<"${SBATCH_ARGS:-}"
 read -r -a arm_args <<<"${ARM_ARGS:-}"
 read -r -a cache_args <<<"${CACHE_ARGS:-}"
 read -r -a one_args <<<"${ONE_ARGS:-}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
 
-submit() {  # prints the job id
+submit() {  # prints the job id; logs go to $OUT/logs
   local id
-  id=$(sbatch --parsable "${sbatch_all[@]}" "$@") || { echo "sbatch failed: $*" >&2; exit 1; }
+  id=$(sbatch --parsable --output="$OUT/logs/%x-%j.out" "${sbatch_all[@]}" "$@") || { echo "sbatch failed: $*" >&2; exit 1; }
   echo "${id%%;*}"
 }
 common=("output_dir=$OUT" "teacher.cache_dir=$OUT/teacher_cache" "$@")
@@ -34,7 +34,7 @@ teacher_eval=$(submit "${one_args[@]}" slurm/eval.sh "eval.output_dir=$OUT/eval/
 echo "teacher eval: $teacher_eval"
 cache_dep=""
 if [ "$TEACHER_SOURCE" = cache ]; then
-  cache=$(submit "${cache_args[@]}" --array=0-$((CACHE_SHARDS - 1)) slurm/cache_teacher_logits.sh "${common[@]}")
+  cache=$(submit --output="$OUT/logs/%x-%A_%a.out" "${cache_args[@]}" --array=0-$((CACHE_SHARDS - 1)) slurm/cache_teacher_logits.sh "${common[@]}")
   echo "teacher-logit cache (array of $CACHE_SHARDS): $cache"
   cache_dep=":$cache"
 fi

@@ -1,0 +1,177 @@
+"""The Slurm templates against a real single-node Slurm cluster on localhost (slurmctld + slurmd +
+munged): the KL and CE arms, the caching array feeding a KL run, preemption -> checkpoint -> requeue ->
+same result, idempotent resubmission, and the whole reproduction graph. Skipped, with the reason, where
+Slurm's packages are not installed (CI installs them)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_dist.config import TinyModelConfig, load_config
+from distill_dist.demo import train_teacher
+from distill_dist.models import build_tiny_model
+from distill_dist.prune import prune_checkpoint
+from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.multirank,
+              pytest.mark.skipif(bool(missing_binaries()) or os.geteuid() != 0,
+                                 reason=f"Slurm not installed ({', '.join(missing_binaries())}) or not root: "
+                                        "apt-get install slurmctld slurmd slurm-client munge")]
+CPU_ARM = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none", "--time=15"]
+CPU_ONE = ["--cpus-per-task=1", "--gres=none", "--time=15"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurmwork")
+    data = write_synthetic_csqa(root / "data", n_train=160, n_dev=24, n_test=4, seed=5)
+    tok = train_tokenizer(data)
+    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
+                                               seed=3), tok)
+    train_teacher(teacher, tok, load_config(None, [f"data.path={data}", "data.max_length=64", "demo.teacher_steps=100"]),
+                  log=lambda *a: None)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    prune_checkpoint(root / "teacher", root / "pruned", 0.25, log=lambda *a: None)
+    overrides = [f"model.path={root / 'teacher'}", "model.dtype=float32", f"data.path={data}", "data.max_length=64",
+                 "prune.schedule=[0.25]", f"prune.output_dir={root / 'pruned'}", "train.micro_batch_size=2",
+                 "train.lr=1e-4", "train.warmup_steps=2", "train.save_every=10", "eval.limit=24", "eval.batch_size=24",
+                 "train.ds_overrides={zero_optimization.stage3_param_persistence_threshold: 0}",
+                 f"output_dir={root}", "teacher.shard_samples=40"]
+    env = {"DISTILL_DIST_ROOT": str(REPO), "PYTHON": sys.executable, "MARKER_DIR": str(root / "markers"),
+           "OMP_NUM_THREADS": "1"}
+    return {"root": root, "overrides": overrides, "env": env}
+
+
+def submit(cluster, work, script, *args, sbatch=CPU_ARM, name=None):
+    log = work["root"] / f"{name or Path(script).stem}-%j.out"
+    return cluster.sbatch(*sbatch, f"--output={log}", str(REPO / script), *work["overrides"], *args,
+                          cwd=REPO, env=work["env"])
+
+
+def log_of(work, name, job):
+    return (work["root"] / f"{name}-{job}.out").read_text()
+
+
+def finished(cluster, work, job, name, timeout=600):
+    st = cluster.wait(job, timeout)
+    out = log_of(work, name, job) if (work["root"] / f"{name}-{job}.out").exists() else ""
+    assert st["JobState"] == "COMPLETED", f"{st.get('JobState')}: {out[-3000:]}"
+    return st, out
+
+
+def losses(run):
+    return [json.loads(l)["loss"] for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def kl_run(cluster, work):
+    run = work["root"] / "kl"
+    job = submit(cluster, work, "slurm/kl_recover.sh", f"train.max_steps={STEPS}", f"train.output_dir={run}",
+                 name="kl")
+    t = time.time()
+    finished(cluster, work, job, "kl")
+    return run, time.time() - t
+
+
+def test_kl_recover_job_completes(kl_run):
+    run, _ = kl_run
+    done = json.loads((run / "done.json").read_text())
+    assert done["arm"] == "kl" and done["launch"]["world_size"] == 2 and done["teacher"]["source"] == "live"
+    assert len(losses(run)) == STEPS
+    assert (run / "final" / "config.json").is_file() and (run / "eval" / "eval.json").is_file()
+    assert (run / "checkpoints" / "latest_complete").read_text().strip() == f"step_{STEPS:07d}"
+
+
+def test_ce_recover_job_completes(cluster, work):
+    run = work["root"] / "ce"
+    job = submit(cluster, work, "slurm/ce_recover.sh", "train.max_steps=10", f"train.output_dir={run}", name="ce")
+    _, out = finished(cluster, work, job, "ce")
+    assert json.loads((run / "done.json").read_text())["arm"] == "ce"
+    assert "distill-dist[" in out and "done" in out
+
+
+def test_preempted_job_requeues_and_matches_uninterrupted(cluster, work, kl_run):
+    run = work["root"] / "kl_preempted"
+    job = submit(cluster, work, "slurm/kl_recover.sh", f"train.max_steps={STEPS}", f"train.output_dir={run}",
+                 name="klp")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 3:
+            break
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
+    st, out = finished(cluster, work, job, "klp", timeout=600)
+    assert int(st.get("Restarts", "0")) >= 1, out[-3000:]
+    assert "checkpointed and stopped; requeueing" in out and "resuming from" in out
+    assert losses(run) == losses(kl_run[0])  # the requeued job continued the same curve, bit for bit
+    a, b = (json.loads((r / "done.json").read_text())["eval"] for r in (run, kl_run[0]))
+    assert a == b
+
+
+def test_resubmitting_a_finished_job_does_nothing(cluster, work, kl_run):
+    run = kl_run[0]
+    before = (run / "metrics.jsonl").read_text()
+    job = submit(cluster, work, "slurm/kl_recover.sh", f"train.max_steps={STEPS}", f"train.output_dir={run}",
+                 name="klagain")
+    _, out = finished(cluster, work, job, "klagain")
+    assert "nothing to do" in out
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_cache_array_feeds_a_kl_run(cluster, work):
+    cache_dir = work["root"] / "cache"
+    array = cluster.sbatch(*CPU_ONE, "--array=0-3", f"--output={work['root']}/cache-%A_%a.out",
+                           str(REPO / "slurm/cache_teacher_logits.sh"), *work["overrides"],
+                           f"teacher.cache_dir={cache_dir}", cwd=REPO, env=work["env"])
+    run = work["root"] / "kl_cache"
+    job = cluster.sbatch(*CPU_ARM, f"--dependency=afterok:{array}", f"--output={work['root']}/klc-%j.out",
+                         str(REPO / "slurm/kl_recover.sh"), *work["overrides"], "teacher.source=cache",
+                         f"teacher.cache_dir={cache_dir}", "train.max_steps=5", f"train.output_dir={run}",
+                         cwd=REPO, env=work["env"])
+    finished(cluster, work, job, "klc")
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["num_shards"] == 4 and manifest["num_samples"] == 160
+    meta = json.loads((run / "run_meta.json").read_text())
+    assert meta["teacher"]["source"] == "cache" and meta["teacher"]["fingerprint"] == manifest["fingerprint_sha256"]
+
+
+def test_reproduce_graph_runs_to_a_report(cluster, work):
+    out = work["root"] / "repro"
+    env = {**cluster.env, **work["env"], "OUT": str(out), "KEEP_RATIOS": "0.5 0.25", "DATA_SIZES": "120",
+           "CACHE_SHARDS": "2", "TEACHER_SOURCE": "cache", "SBATCH_ARGS": f"--gres=none --time=15",
+           "ARM_ARGS": "--ntasks-per-node=2 --cpus-per-task=1", "ONE_ARGS": "--ntasks=1 --cpus-per-task=1",
+           "CACHE_ARGS": "--cpus-per-task=1"}
+    overrides = [o for o in work["overrides"] if not o.startswith(("prune.", "output_dir="))] + ["train.max_steps=4"]
+    proc = subprocess.run(["bash", str(REPO / "slurm/reproduce.sh"), *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert sum("-> " in l for l in lines) == 5  # 4 arms + report
+    report_job = lines[-1].split()[1]
+    st = cluster.wait(report_job, timeout=900)
+    assert st["JobState"] == "COMPLETED", proc.stdout + "".join(
+        p.read_text()[-1500:] for p in (out / "logs").glob("*.out"))
+    assert not list(REPO.glob("dd-*.out"))  # logs stay under OUT
+    md = (out / "report" / "report.md").read_text()
+    assert md.count("| ce |") == 2 and md.count("| kl |") == 2 and "Unpruned teacher" in md
+    assert all(json.loads((out / f"keep{r}/n120/kl/run_meta.json").read_text())["teacher"]["source"] == "cache"
+               for r in ("0.5", "0.25"))
