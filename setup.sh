@@ -12,4 +12,4 @@ if [ "$TORCH_SPEC" != skip ]; then .venv/bin/python -m pip install -q "$TORCH_SP
 # DeepSpeed's setup.py imports torch, so it must build against the torch just installed.
 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16"
 .venv/bin/python -m pip install -q -e '.[test]'
-echo "setup done: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null)"
+echo "setup done: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "deepspeed", "transformers", "distill-dist")))')"

@@ -50,7 +50,7 @@ def size_and_throughput(shared: Path, tmp: Path) -> None:
     quiet(["cache-teacher", *base, f"teacher.cache_dir={tmp / 'cache'}"])
     wall = time.time() - t
     m = json.loads((tmp / "cache" / "manifest.json").read_text())
-    print(f"\n## 1. Size (OLMo2 vocab 100352, k=64, float16, CSQA train, answer positions)")
+    print("\n## 1. Size (OLMo2 vocab 100352, k=64, float16, CSQA train, answer positions)")
     print(f"{m['num_samples']} samples, {m['num_positions']} positions, {m['bytes'] / 1e6:.2f} MB, "
           f"**{m['bytes_per_position']:.0f} bytes per supervised position** (dense bf16 logits: "
           f"{100352 * 2 / 1e3:.0f} KB)")
@@ -65,7 +65,7 @@ def size_and_throughput(shared: Path, tmp: Path) -> None:
             b = collate(rows[i: i + 32], tok.pad_token_id, "cpu")
             teacher.lm.lm_head(teacher(**b))
     fwd = time.time() - t
-    print(f"\n## 3. Throughput (hidden 128 teacher, CPU, 2 threads)")
+    print("\n## 3. Throughput (hidden 128 teacher, CPU, 2 threads)")
     print(f"cache-teacher end to end (incl. loading, hashing, writing): {m['num_positions'] / wall:.0f} positions/s "
           f"({wall:.1f}s); teacher forward + LM head alone: {len(rows) / fwd:.0f} positions/s ({fwd:.1f}s)")
 
@@ -110,7 +110,7 @@ def _fidelity_table(label, rows, teacher, student, tok, tmp) -> None:
         out = tmp / f"ts_cache_{k}_{rows[0]['id'][:5]}"
         # cache-teacher covers the full train split; with 9741 rows x all positions that is slow on a CPU,
         # so build the cache for exactly the rows measured through the same writer
-        from distill_dist.cache import _write_shard, expected_fingerprint, finalize, topk_rows
+        from distill_dist.cache import _write_shard, finalize, topk_rows
         from distill_dist.fileio import canonical_json, sha256_bytes
 
         fp = {"bench": k}
@@ -168,7 +168,7 @@ def training_cost(shared: Path, tmp: Path, steps: int) -> None:
         cache.lookup(rows[i * 16:(i + 1) * 16], "cpu")
     lookup = (time.perf_counter() - t) / 50
     ce = res["CE"][0]
-    print(f"\n## 4. Training from the cache (student: the OLMo2-vocab model pruned to 0.5; micro-batch 16; CPU)")
+    print("\n## 4. Training from the cache (student: the OLMo2-vocab model pruned to 0.5; micro-batch 16; CPU)")
     print("| arm | median step (s) | vs CE | peak RSS (GB) |")
     print("|---|---|---|---|")
     for name, (st, mem) in res.items():

@@ -124,3 +124,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_teacher_and_student(root: Path, n_train: int, n_dev: int, data_seed: int, model_seed: int,
+                             teacher_steps: int, keep: float = 0.25):
+    """Synthetic data, a tokenizer, a briefly trained tiny OLMo2 teacher (its distribution is far from
+    uniform, so pruning moves it) and its pruned student, under root/{data,teacher,pruned}."""
+    from distill_dist.config import TinyModelConfig, load_config
+    from distill_dist.demo import train_teacher
+    from distill_dist.models import build_tiny_model
+    from distill_dist.prune import prune_checkpoint
+    from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
+
+    data = write_synthetic_csqa(root / "data", n_train=n_train, n_dev=n_dev, n_test=4, seed=data_seed)
+    tok = train_tokenizer(data)
+    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
+                                               seed=model_seed), tok)
+    train_teacher(teacher, tok, load_config(None, [f"data.path={data}", "data.max_length=64",
+                                                   f"demo.teacher_steps={teacher_steps}"]), log=lambda *a: None)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    prune_checkpoint(root / "teacher", root / "pruned", keep, log=lambda *a: None)
+    return data, tok

@@ -15,27 +15,19 @@ from distill_dist import cli
 from distill_dist.cache import CacheError, TeacherCache, pack_ids, unpack_ids
 from distill_dist.config import TinyModelConfig, load_config
 from distill_dist.data import build_train_examples, load_split
-from distill_dist.demo import train_teacher
 from distill_dist.losses import LossSpec, chunked_loss
 from distill_dist.models import build_tiny_model, load_causal_lm, load_tokenizer
 from distill_dist.prune import prune_checkpoint
-from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
 
 REPO = Path(__file__).resolve().parents[1]
+
+from conftest import make_teacher_and_student  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    data = write_synthetic_csqa(root / "data", n_train=120, n_dev=20, n_test=5, seed=4)
-    tok = train_tokenizer(data)
-    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
-                                               seed=2), tok)
-    train_teacher(teacher, tok, load_config(None, [f"data.path={data}", "data.max_length=64", "demo.teacher_steps=100"]),
-                  log=lambda *a: None)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    prune_checkpoint(root / "teacher", root / "pruned", 0.25, log=lambda *a: None)
+    data, tok = make_teacher_and_student(root, n_train=120, n_dev=20, data_seed=4, model_seed=2, teacher_steps=100)
     base = [f"model.path={root / 'teacher'}", f"data.path={data}", "data.max_length=64", "train.positions=all",
             "teacher.shard_samples=32", "teacher.batch_size=8", f"output_dir={root}"]
     return {"root": root, "data": data, "base": base, "vocab": len(tok)}
@@ -166,7 +158,7 @@ def test_training_from_cache_matches_live_teacher(env, tmp_path):
         out = cache(env, "full", "teacher.dtype=float32", f"teacher.top_k={env['vocab'] + 64}")
     common = ["train", *env["base"], f"train.student={env['root'] / 'pruned'}", "train.deepspeed=false",
               "train.max_steps=4", "train.micro_batch_size=4", "train.lr=1e-4", "train.eval_after=false",
-              f"teacher.dtype=float32", f"teacher.top_k={env['vocab'] + 64}"]
+              "teacher.dtype=float32", f"teacher.top_k={env['vocab'] + 64}"]
     assert cli.main(common + ["teacher.source=live", f"train.output_dir={tmp_path / 'live'}"]) == 0
     assert cli.main(common + ["teacher.source=cache", f"teacher.cache_dir={out}", f"train.output_dir={tmp_path / 'cache'}"]) == 0
     live, cached = ([json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import yaml
 
 from distill_dist import cli
 from distill_dist.config import RunConfig, load_config

@@ -1,5 +1,4 @@
 """The report: table values from run records, and refusal of unfair comparisons."""
-import copy
 import json
 
 import pytest

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from distill_dist.config import TinyModelConfig, load_config
-from distill_dist.demo import train_teacher
-from distill_dist.models import build_tiny_model
-from distill_dist.prune import prune_checkpoint
-from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_teacher_and_student  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,15 +35,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurmwork")
-    data = write_synthetic_csqa(root / "data", n_train=160, n_dev=24, n_test=4, seed=5)
-    tok = train_tokenizer(data)
-    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
-                                               seed=3), tok)
-    train_teacher(teacher, tok, load_config(None, [f"data.path={data}", "data.max_length=64", "demo.teacher_steps=100"]),
-                  log=lambda *a: None)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    prune_checkpoint(root / "teacher", root / "pruned", 0.25, log=lambda *a: None)
+    data, _ = make_teacher_and_student(root, n_train=160, n_dev=24, data_seed=5, model_seed=3, teacher_steps=100)
     overrides = [f"model.path={root / 'teacher'}", "model.dtype=float32", f"data.path={data}", "data.max_length=64",
                  "prune.schedule=[0.25]", f"prune.output_dir={root / 'pruned'}", "train.micro_batch_size=2",
                  "train.lr=1e-4", "train.warmup_steps=2", "train.save_every=10", "eval.limit=24", "eval.batch_size=24",
@@ -157,7 +145,7 @@ def test_cache_array_feeds_a_kl_run(cluster, work):
 def test_reproduce_graph_runs_to_a_report(cluster, work):
     out = work["root"] / "repro"
     env = {**cluster.env, **work["env"], "OUT": str(out), "KEEP_RATIOS": "0.5 0.25", "DATA_SIZES": "120",
-           "CACHE_SHARDS": "2", "TEACHER_SOURCE": "cache", "SBATCH_ARGS": f"--gres=none --time=15",
+           "CACHE_SHARDS": "2", "TEACHER_SOURCE": "cache", "SBATCH_ARGS": "--gres=none --time=15",
            "ARM_ARGS": "--ntasks-per-node=2 --cpus-per-task=1", "ONE_ARGS": "--ntasks=1 --cpus-per-task=1",
            "CACHE_ARGS": "--cpus-per-task=1"}
     overrides = [o for o in work["overrides"] if not o.startswith(("prune.", "output_dir="))] + ["train.max_steps=4"]

@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 from distill_dist import cli
 from distill_dist.config import TinyModelConfig, load_config
 from distill_dist.data import build_train_examples, load_split
-from distill_dist.demo import train_teacher
 from distill_dist.models import build_tiny_model
 from distill_dist.prune import prune_checkpoint
-from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
-from distill_dist.train import EXIT_PREEMPTED
+from distill_dist.synthetic import train_tokenizer
+
+from conftest import make_teacher_and_student
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,16 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    data = write_synthetic_csqa(root / "data", n_train=200, n_dev=40, n_test=10, seed=3)
-    tok = train_tokenizer(data)
-    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
-                                               seed=1), tok)
-    # A briefly trained teacher, so its distribution is far from uniform and pruning moves it.
-    train_teacher(teacher, tok, load_config(None, [f"data.path={data}", "data.max_length=64",
-                                                   "demo.teacher_steps=150"]), log=lambda *a: None)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    prune_checkpoint(root / "teacher", root / "pruned", 0.25, log=lambda *a: None)
+    data, _ = make_teacher_and_student(root, n_train=200, n_dev=40, data_seed=3, model_seed=1, teacher_steps=150)
     base = [f"model.path={root / 'teacher'}", f"train.student={root / 'pruned'}", f"data.path={data}",
             "data.max_length=64", "train.micro_batch_size=2", "train.lr=1e-4", "train.warmup_steps=2",
             "train.save_every=0", "eval.limit=16", "eval.batch_size=16", f"output_dir={root}",

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import PROMPT_VERSION, build_train_examples, load_split
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import ConfigError, UserError
 from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .models import DTYPES, load_tokenizer
 from .prune import ShardWriter

@@ -93,8 +93,7 @@ def run_demo(cfg: RunConfig, prune_fn, eval_fn) -> str:
     tok.save_pretrained(root / "teacher")
 
     prune_fn(cfg)
-    teacher_eval = eval_fn(replace(cfg, eval=replace(cfg.eval, model=str(root / "teacher"),
-                                                     output_dir=str(root / "eval" / "teacher"))))
+    eval_fn(replace(cfg, eval=replace(cfg.eval, model=str(root / "teacher"), output_dir=str(root / "eval" / "teacher"))))
     eval_fn(replace(cfg, eval=replace(cfg.eval, model=cfg.prune.output_dir, output_dir=str(root / "eval" / "pruned"))))
 
     cfg_path = root / "demo_config.yaml"

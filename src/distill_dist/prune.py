@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .fileio import atomic_write_json, canonical_json, replace_dir, sha256_bytes, sha256_file

@@ -38,7 +38,7 @@ from .data import PROMPT_VERSION, build_train_examples, load_split
 from .errors import CheckpointError, ConfigError, UserError
 from .fileio import atomic_write_json, atomic_write_text, checkpoint_fingerprint, replace_dir
 from .losses import LossSpec, chunked_loss
-from .models import DTYPES, load_tokenizer
+from .models import load_tokenizer
 from .prune import PLAN_FILE, load_plan
 
 EXIT_PREEMPTED = 75  # "try again": the Slurm wrapper requeues on it
