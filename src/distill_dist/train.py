@@ -247,7 +247,8 @@ def load_frozen_teacher(cfg: RunConfig, teacher_dir: str, device: torch.device, 
     if not (cfg.train.deepspeed if use_deepspeed is None else use_deepspeed):
         from .models import load_causal_lm
 
-        return TeacherHidden(load_causal_lm(teacher_dir, "float32", device).requires_grad_(False)).eval()
+        plain_dtype = "bfloat16" if device.type == "cuda" else "float32"
+        return TeacherHidden(load_causal_lm(teacher_dir, plain_dtype, device).requires_grad_(False)).eval()
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
