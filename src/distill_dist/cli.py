@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "cache-teacher":
             p.add_argument("--shard", type=int, help="compute only this shard (Slurm array task id)")
             p.add_argument("--num-shards", type=int, help="total number of shards (the array size)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else list(argv)))
     fn = COMMANDS[args.command][0]
     from .train import EXIT_PREEMPTED, Preempted, install_stop_handlers
 
@@ -211,6 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     _shutdown_process_group(clean=code == 0)
     return code
+
+
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher appends --local_rank=N to the program's arguments; move it to LOCAL_RANK."""
+    import os
+
+    out, it = [], iter(argv)
+    for a in it:
+        if a.startswith(("--local_rank", "--local-rank")):
+            os.environ["LOCAL_RANK"] = a.split("=", 1)[1] if "=" in a else next(it)
+        else:
+            out.append(a)
+    return out
 
 
 def _write_done_marker(command: str) -> None:
