@@ -208,7 +208,7 @@ def test_cli_config_file_missing(tmp_path, capsys):
 
 def test_deepspeed_launcher_local_rank_argument_is_accepted(monkeypatch, capsys):
     """`deepspeed --module distill_dist.cli ...` appends --local_rank=N; it must not be a parse error."""
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # restored after the test
     assert cli.main(["--local_rank=1", "prune", "model.path=/no/such/dir"]) == 2
     assert "model.path" in capsys.readouterr().err  # got past argument parsing to the config check
     import os
