@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distill-dist: interrupted", file=sys.stderr)
         code = 130
-    _shutdown_process_group(clean=code == 0)
+    _shutdown_process_group(clean=code in (0, EXIT_PREEMPTED))
     return code
 
 
@@ -243,12 +243,14 @@ def _write_done_marker(command: str) -> None:
 
 
 def _shutdown_process_group(clean: bool) -> None:
-    """Leave the process group explicitly: exiting with it alive can abort in its destructor."""
+    """Leave the process group explicitly after a clean finish (or a checkpointed stop): a process that
+    exits with gloo's worker threads still alive aborts in teardown with "terminate called without an
+    active exception" (pytorch/pytorch#190489). After an error other ranks may still be inside a
+    collective, where a destroy can hang; the process then just exits with its error status."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            dist.barrier()
+    if clean and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
