@@ -5,7 +5,6 @@ Everything the tests write goes under pytest's tmp dirs; the reference data is o
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -121,9 +120,9 @@ def tiny_olmo2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture()
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from distill_dist.distributed import free_port as pick
+
+    return pick()
 
 
 def make_teacher_and_student(root: Path, n_train: int, n_dev: int, data_seed: int, model_seed: int,

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from distill_dist import cli
 from distill_dist.cache import CacheError, TeacherCache, pack_ids, unpack_ids
+from distill_dist.distributed import free_port
 from distill_dist.config import TinyModelConfig, load_config
 from distill_dist.data import build_train_examples, load_split
 from distill_dist.losses import LossSpec, chunked_loss
@@ -177,9 +177,7 @@ def test_two_rank_zero3_caching_equals_single_process(env):
     if not (single / "manifest.json").exists():
         single = cache(env, "exact", "teacher.dtype=float32", "teacher.top_k=8")
     multi = env["root"] / "zero3"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(port), "-m", "distill_dist.cli", "cache-teacher", *env["base"],

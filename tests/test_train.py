@@ -3,7 +3,6 @@ sharding, exact resume after a signal, export, NaN and mismatch errors. Multi-ra
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from distill_dist import cli
 from distill_dist.config import TinyModelConfig, load_config
 from distill_dist.data import build_train_examples, load_split
+from distill_dist.distributed import free_port
 from distill_dist.models import build_tiny_model
 from distill_dist.prune import prune_checkpoint
 from distill_dist.synthetic import train_tokenizer
@@ -41,15 +41,9 @@ def setup(tmp_path_factory):
     return {"root": root, "data": data, "base": base}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args, nproc=2, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "distill_dist.cli", "train", *args]
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "distill_dist.cli", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

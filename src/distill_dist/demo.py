@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 
 from .config import RunConfig, to_yaml
 from .data import build_train_examples, load_split
+from .distributed import free_port
 from .errors import UserError
 from .fileio import atomic_write_text
 from .losses import LossSpec
@@ -51,16 +51,10 @@ def train_teacher(model, tok, cfg: RunConfig, log=print) -> None:
     model.eval()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_arm(cfg_path: Path, arm: str, ranks: int, quiet: bool = False) -> None:
     """One recovery arm as a real torchrun job (gloo on CPU), as a user would launch it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "distill_dist.cli", "train", "--config", str(cfg_path), f"train.arm={arm}",
            f"train.output_dir={cfg_path.parent / arm}"]
     if not quiet:

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A free TCP port on this host, for a rendezvous started here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world() -> tuple[int, int]:

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -212,17 +211,14 @@ def _config_json(path: str) -> dict:
 
 def init_process_group(use_deepspeed: bool) -> tuple[int, int, int]:
     """Join the launcher's process group (torchrun / srun / deepspeed); single process needs no launcher."""
-    from .distributed import maybe_init_distributed
+    from .distributed import free_port, maybe_init_distributed
 
     if not use_deepspeed:
         return maybe_init_distributed()
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
