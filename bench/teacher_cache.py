@@ -29,7 +29,8 @@ from distill_dist.data import build_train_examples, load_split
 from distill_dist.losses import LossSpec, chunked_loss
 from distill_dist.models import build_tiny_model, load_causal_lm, load_tokenizer
 from distill_dist.prune import prune_checkpoint
-from distill_dist.train import TeacherHidden, collate
+from distill_dist.data import collate
+from distill_dist.train import TeacherHidden
 
 
 def quiet(args):

@@ -138,7 +138,8 @@ def test_kl_from_full_vocab_cache_equals_live_kl(env):
     cfg = load_config(None, env["base"])
     tok = load_tokenizer(str(env["root"] / "teacher"))
     rows = build_train_examples(tok, load_split(cfg.data, "train"), "kl", "all", 64)[:6]
-    from distill_dist.train import TeacherHidden, collate
+    from distill_dist.data import collate
+    from distill_dist.train import TeacherHidden
 
     teacher = TeacherHidden(load_causal_lm(str(env["root"] / "teacher")))
     student = load_causal_lm(str(env["root"] / "pruned"))

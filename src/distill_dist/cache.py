@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data import PROMPT_VERSION, build_train_examples, load_split
+from .data import PROMPT_VERSION, build_train_examples, collate, load_split
 from .errors import ConfigError, UserError
 from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .models import DTYPES, load_tokenizer
@@ -126,8 +126,7 @@ def shard_complete(path: Path, fp_sha: str) -> bool:
 def run_cache_teacher(cfg: RunConfig) -> dict | None:
     """`distill-dist cache-teacher`: compute missing shards (this rank's share, or teacher.shard), then
     verify all shards and write the manifest when every shard is present."""
-    from .train import (EXIT_PREEMPTED, STOP_REQUESTED, Preempted, _barrier, collate, init_process_group,
-                        load_frozen_teacher)
+    from .train import EXIT_PREEMPTED, STOP_REQUESTED, Preempted, _barrier, init_process_group, load_frozen_teacher
 
     tc, out = cfg.teacher, Path(cfg.teacher.cache_dir)
     teacher_dir = cfg.model.path
@@ -141,7 +140,11 @@ def run_cache_teacher(cfg: RunConfig) -> dict | None:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     tok = load_tokenizer(cfg.model.tokenizer or teacher_dir)
     full = load_split(_full_data(cfg), "train")
-    fp = expected_fingerprint(cfg, checkpoint_fingerprint(teacher_dir), tok, full)
+    # Hashing the teacher reads every byte of it: once, on rank 0, then shared.
+    teacher_fp = [checkpoint_fingerprint(teacher_dir) if rank == 0 else None]
+    if use_ds:
+        dist.broadcast_object_list(teacher_fp, src=0)
+    fp = expected_fingerprint(cfg, teacher_fp[0], tok, full)
     fp_sha = sha256_bytes(canonical_json(fp).encode())
     vocab = json.loads((Path(teacher_dir) / "config.json").read_text())["vocab_size"]
     if vocab >= 1 << 24:

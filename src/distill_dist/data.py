@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 
 from .config import DataConfig
 from .errors import DataError
@@ -190,3 +191,21 @@ def build_train_examples(tokenizer, ds: datasets.Dataset, arm: str, positions: s
         pos = list(range(len(ids))) if positions == "all" else list(range(len(ids) - n_target, len(ids)))
         rows.append({"id": r["id"], "input_ids": ids, "positions": pos, "labels": [full[p + 1] for p in pos]})
     return rows
+
+
+def collate(rows: list[dict], pad_id: int, device) -> dict:
+    """Right-padded ids + mask, and (rows, cols) of every supervised position in row order; labels if any."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[b, : len(r["input_ids"])] = 1
+    batch = {
+        "input_ids": ids.to(device), "attention_mask": mask.to(device),
+        "rows": torch.tensor([b for b, r in enumerate(rows) for _ in r["positions"]], device=device),
+        "cols": torch.tensor([p for r in rows for p in r["positions"]], device=device),
+    }
+    if "labels" in rows[0]:
+        batch["labels"] = torch.tensor([y for r in rows for y in r["labels"]], device=device)
+    return batch

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, to_yaml
-from .data import build_train_examples, load_split
+from .data import build_train_examples, collate, load_split
 from .distributed import free_port
 from .errors import UserError
 from .fileio import atomic_write_text
 from .losses import LossSpec
 from .models import build_tiny_model
 from .synthetic import train_tokenizer, write_synthetic_csqa
-from .train import StudentWithLoss, collate, lr_factor
+from .train import StudentWithLoss, lr_factor
 
 MARKER = ".distill_dist_demo"
 

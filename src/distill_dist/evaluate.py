@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import LABELS, PROMPT_VERSION, encode_choices, format_prompt
+from .data import LABELS, PROMPT_VERSION, collate, encode_choices, format_prompt
 from .distributed import gather_objects, world
 from .fileio import atomic_write_json, atomic_write_jsonl
 
@@ -49,16 +49,9 @@ def build_requests(tokenizer, rows, max_length: int, add_bos: bool = False) -> l
 @torch.no_grad()
 def target_logprobs(model, batch: list[_Request], pad_id: int, device) -> list[torch.Tensor]:
     """log p(target) for each request's scored positions, float32; right-padded batch."""
-    width = max(len(r.input_ids) for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for b, r in enumerate(batch):
-        ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
-        mask[b, : len(r.input_ids)] = 1
-    hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    rows = torch.tensor([b for b, r in enumerate(batch) for _ in r.positions], device=device)
-    cols = torch.tensor([p for r in batch for p in r.positions], device=device)
-    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), dim=-1).cpu()
+    b = collate([{"input_ids": r.input_ids, "positions": r.positions} for r in batch], pad_id, device)
+    hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    logp = torch.log_softmax(model.lm_head(hidden[b["rows"], b["cols"]]).float(), dim=-1).cpu()
     out, k = [], 0
     for r in batch:
         n = len(r.positions)
@@ -91,6 +84,11 @@ def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device,
     return logliks
 
 
+def confidence_bins(conf: np.ndarray) -> np.ndarray:
+    """Bin index of each confidence in ECE_BINS equal-width (lo, hi] bins over [0, 1]."""
+    return np.clip(np.ceil(conf * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)
+
+
 def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> tuple[dict, np.ndarray]:
     """acc (argmax loglik), and NLL / Brier / ECE / entropy of the softmax over the five choices."""
     z = logliks - logliks.max(axis=1, keepdims=True)
@@ -105,7 +103,7 @@ def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> tuple[dict, n
         correct = (pred == g).astype(np.float64)
         onehot = np.eye(5)[g]
         conf = p.max(axis=1)
-        bins = np.clip(np.ceil(conf * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)  # (lo, hi] bins
+        bins = confidence_bins(conf)
         ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
                   for b in range(ECE_BINS) if (bins == b).any())
         out.update(acc=float(correct.mean()), nll=float(-np.log(p[np.arange(len(g)), g]).mean()),

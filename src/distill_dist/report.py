@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .evaluate import ECE_BINS
+from .evaluate import ECE_BINS, confidence_bins
 from .fileio import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ["arm", "loss", "keep_ratio", "params_retained", "train_examples", "acc", "nll", "ece", "entropy",
@@ -125,7 +125,7 @@ def _reliability(examples_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     rows = [r for r in rows if r["gold"] is not None]
     conf = np.array([max(r["probs"]) for r in rows])
     correct = np.array([r["pred"] == r["gold"] for r in rows], dtype=float)
-    bins = np.clip(np.ceil(conf * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)
+    bins = confidence_bins(conf)
     centers, accs, counts = [], [], []
     for b in range(ECE_BINS):
         sel = bins == b

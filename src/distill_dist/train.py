@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import RunConfig, to_yaml
-from .data import PROMPT_VERSION, build_train_examples, load_split
+from .data import PROMPT_VERSION, build_train_examples, collate, load_split
 from .errors import CheckpointError, ConfigError, UserError
 from .fileio import atomic_write_json, atomic_write_text, checkpoint_fingerprint, replace_dir
 from .losses import LossSpec, chunked_loss
 from .models import load_tokenizer
-from .prune import PLAN_FILE, load_plan
+from .prune import PLAN_FILE, load_plan, read_model_config
 
 EXIT_PREEMPTED = 75  # "try again": the Slurm wrapper requeues on it
 DONE_FILE = "done.json"
@@ -114,23 +114,6 @@ def micro_slice(batch: list[int], micro: int, rank: int, world_size: int, micro_
     return batch[slot * micro_bs: (slot + 1) * micro_bs]
 
 
-def collate(rows: list[dict], pad_id: int, device) -> dict:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[b, : len(r["input_ids"])] = 1
-    batch = {
-        "input_ids": ids.to(device), "attention_mask": mask.to(device),
-        "rows": torch.tensor([b for b, r in enumerate(rows) for _ in r["positions"]], device=device),
-        "cols": torch.tensor([p for r in rows for p in r["positions"]], device=device),
-    }
-    if "labels" in rows[0]:
-        batch["labels"] = torch.tensor([y for r in rows for y in r["labels"]], device=device)
-    return batch
-
-
 def build_ds_config(path: str, cfg: RunConfig, device: torch.device, training: bool) -> dict:
     """Load a DeepSpeed JSON (comments allowed), fill its "auto" values from the run config."""
     repo_default = Path(__file__).resolve().parents[2] / path  # the repo's ds_configs/, from any cwd
@@ -202,13 +185,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _config_json(path: str) -> dict:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    return json.loads(p.read_text())
-
-
 def init_process_group(use_deepspeed: bool) -> tuple[int, int, int]:
     """Join the launcher's process group (torchrun / srun / deepspeed); single process needs no launcher."""
     from .distributed import free_port, maybe_init_distributed
@@ -277,18 +253,19 @@ def run_training(cfg: RunConfig) -> dict | None:
     teacher_dir = cfg.model.path
     live_teacher = spec.needs_teacher and cfg.teacher.source == "live"
     cache = None
+    s_vocab = read_model_config(Path(student_dir)).get("vocab_size")
     if spec.needs_teacher and not live_teacher:
         from .cache import TeacherCache
 
         cache = TeacherCache.open(cfg.teacher.cache_dir)  # checksums verified; fingerprint checked below
-        if cache.vocab_size != _config_json(student_dir).get("vocab_size"):
-            raise ConfigError(f"teacher cache vocab_size {cache.vocab_size} != student vocab_size "
-                              f"{_config_json(student_dir).get('vocab_size')}: distillation needs the same vocabulary")
+        if cache.vocab_size != s_vocab:
+            raise ConfigError(f"teacher cache vocab_size {cache.vocab_size} != student vocab_size {s_vocab}: "
+                              "distillation needs the same vocabulary")
     if live_teacher:
         if not teacher_dir or not Path(teacher_dir).is_dir():
             raise ConfigError(f"config field 'model.path': the {tr.arm.upper()} arm needs the unpruned teacher; "
                               f"no such directory '{teacher_dir}'")
-        t_vocab, s_vocab = _config_json(teacher_dir).get("vocab_size"), _config_json(student_dir).get("vocab_size")
+        t_vocab = read_model_config(Path(teacher_dir)).get("vocab_size")
         if t_vocab != s_vocab:
             raise ConfigError(f"teacher vocab_size {t_vocab} ({teacher_dir}) != student vocab_size {s_vocab} "
                               f"({student_dir}): distillation needs the same vocabulary")
