@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole reproduction as one Slurm dependency graph (afterok), printing every job id:
 #   teacher eval, teacher-logit cache (array) and one prune per keep ratio
-#   -> CE and KL arms for every keep ratio x training-set size -> report (table + plots).
+#   -> CE and KL arms for every keep ratio x training-set size x seed -> report (table + plots).
 #   bash slurm/reproduce.sh [key=value ...]          # overrides go to every job
 # Environment (defaults sized for OLMo2-7B on 8-GPU nodes):
 #   CONFIG=configs/olmo2_7b_csqa.yaml  OUT=runs/reproduce  KEEP_RATIOS="0.7 0.5 0.3"
-#   DATA_SIZES="1000 4000 9741"  TEACHER_SOURCE=cache (or live)  CACHE_SHARDS=16
+#   DATA_SIZES="1000 4000 9741"  SEEDS="0 1 2" (train.seed; each seed is one run of each arm, in
+#   $OUT/keep<r>/n<n>/<arm>_s<seed>)  TEACHER_SOURCE=cache (or live)  CACHE_SHARDS=16
 #   SBATCH_ARGS="--partition=... --account=..." (every job); ARM_ARGS, CACHE_ARGS, ONE_ARGS (extra
 #   sbatch options for the training jobs, the cache array, and the single-task jobs).
 set -euo pipefail
@@ -15,6 +16,7 @@ CONFIG=${CONFIG:-configs/olmo2_7b_csqa.yaml}; export CONFIG
 OUT=${OUT:-runs/reproduce}
 KEEP_RATIOS=${KEEP_RATIOS:-0.7 0.5 0.3}
 DATA_SIZES=${DATA_SIZES:-1000 4000 9741}
+SEEDS=${SEEDS:-0 1 2}
 TEACHER_SOURCE=${TEACHER_SOURCE:-cache}
 CACHE_SHARDS=${CACHE_SHARDS:-16}
 read -r -a sbatch_all <<<"${SBATCH_ARGS:-}"
@@ -43,15 +45,17 @@ for r in $KEEP_RATIOS; do
   prune=$(submit "${one_args[@]}" slurm/prune.sh "prune.schedule=[$r]" "prune.output_dir=$OUT/keep$r/pruned" "${common[@]}")
   echo "prune keep $r: $prune"
   for n in $DATA_SIZES; do
-    for arm in ce kl; do
-      dep="afterok:$prune"
-      [ "$arm" = kl ] && dep+="$cache_dep"
-      dir="$OUT/keep$r/n$n/$arm"
-      id=$(submit "${arm_args[@]}" --dependency="$dep" "slurm/${arm}_recover.sh" "prune.schedule=[$r]" \
-        "prune.output_dir=$OUT/keep$r/pruned" "data.train_examples=$n" "train.output_dir=$dir" \
-        "teacher.source=$TEACHER_SOURCE" "${common[@]}")
-      echo "  $arm keep $r, $n examples: $id -> $dir"
-      train_ids+=("$id") run_dirs+=("$dir")
+    for seed in $SEEDS; do
+      for arm in ce kl; do
+        dep="afterok:$prune"
+        [ "$arm" = kl ] && dep+="$cache_dep"
+        dir="$OUT/keep$r/n$n/${arm}_s$seed"
+        id=$(submit "${arm_args[@]}" --dependency="$dep" "slurm/${arm}_recover.sh" "prune.schedule=[$r]" \
+          "prune.output_dir=$OUT/keep$r/pruned" "data.train_examples=$n" "train.seed=$seed" "train.output_dir=$dir" \
+          "teacher.source=$TEACHER_SOURCE" "${common[@]}")
+        echo "  $arm keep $r, $n examples, seed $seed: $id -> $dir"
+        train_ids+=("$id") run_dirs+=("$dir")
+      done
     done
   done
 done

@@ -120,7 +120,7 @@ def tiny_olmo2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture()
 def free_port() -> int:
-    from distill_dist.distributed import free_port as pick
+    from distill_dist.runtime import free_port as pick
 
     return pick()
 

@@ -17,10 +17,44 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def slurm_conf(r: Path, ctl_host: str, ctld_port: int, slurmd_port: int, nodes: str, spool: str, auth: str = "") -> str:
+    """slurm.conf for a test cluster with all state under `r`; %n in a path is the node name (several slurmd)."""
+    return f"""ClusterName=ddtest
+SlurmctldHost={ctl_host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo={auth}cred_expire=10
+StateSaveLocation={r}/state
+SlurmdSpoolDir={spool}
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+KillWait=10
+MinJobAge=300
+SchedulerParameters=sched_interval=1,bf_interval=1
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
 
 
 class SlurmCluster:
@@ -52,52 +86,30 @@ class SlurmCluster:
         for d in ("state", "spool", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
         mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
-        self.conf.write_text(f"""ClusterName=ddtest
-SlurmctldHost={self.host}
-SlurmctldPort={_port()}
-SlurmdPort={_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-JobRequeue=1
-ReturnToService=2
-MpiDefault=none
-KillWait=10
-MinJobAge=300
-SchedulerParameters=sched_interval=1,bf_interval=1
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        node = f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
+        self.conf.write_text(slurm_conf(r, self.host, free_port(), free_port(), node, spool=f"{r}/spool"))
         for daemon in ("slurmctld", "slurmd"):
             p = subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)], env=self.env,
                                  stdout=subprocess.DEVNULL, stderr=open(r / "log" / f"{daemon}.stderr", "w"),
                                  start_new_session=True)
             self.pids.append(p)
             time.sleep(0.5)
+        self._wait_up(1)
+        return self
+
+    def _wait_up(self, n_nodes: int) -> None:
+        """Until sinfo shows every node usable; else stop and raise with the daemons' log tails."""
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True).stdout
-            if out.strip() in ("idle", "mix", "alloc"):
-                return self
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True,
+                                 text=True).stdout.split()
+            if len(out) == n_nodes and all(s in ("idle", "mix", "alloc") for s in out):
+                return
             if any(p.poll() is not None for p in self.pids):
                 break
             time.sleep(0.3)
+        logs = "".join(f"{f.name}: {f.read_text()[-1500:]}" for f in sorted((self.root / "log").iterdir()))
         self.stop()
-        logs = "".join((r / "log" / f).read_text()[-1500:] for f in os.listdir(r / "log"))
         raise RuntimeError(f"Slurm did not come up: {logs}")
 
     def stop(self) -> None:

@@ -11,33 +11,40 @@ from distill_dist import cli
 # The defaults train a teacher for 1200 steps and each arm for 300; these keep every stage but take seconds.
 SMALL = [
     "demo.train_examples=200", "demo.eval_examples=40", "demo.teacher_steps=30", "demo.teacher_batch=8",
-    "tiny.intermediate_size=128", "train.max_steps=2", "train.warmup_steps=1", "train.save_every=0",
+    "tiny.intermediate_size=128", "train.max_steps=2", "demo.seeds=2", "train.warmup_steps=1", "train.save_every=0",
     # the defaults are relative to the repo root; the test may run from anywhere
     f"train.ds_config={REPO_ROOT / 'ds_configs' / 'student_zero3.json'}",
     f"train.teacher_ds_config={REPO_ROOT / 'ds_configs' / 'teacher_zero3_inference.json'}",
 ]
 
 
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_a") / "demo"
+    assert cli.main(["demo", f"output_dir={root}", *SMALL]) == 0
+    return root
+
+
 @pytest.mark.multirank
-def test_demo_end_to_end(tmp_path, capsys):
-    root = tmp_path / "demo"
-    code = cli.main(["demo", f"output_dir={root}", *SMALL])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-4000:]
+def test_demo_end_to_end(demo_root, tmp_path, capsys):
+    root = demo_root
 
     teacher = json.loads((root / "eval" / "teacher" / "eval.json").read_text())
     pruned = json.loads((root / "eval" / "pruned" / "eval.json").read_text())
-    for res in (teacher, pruned):
-        assert res["metrics"]["n"] == 40 and 0.0 <= res["metrics"]["acc"] <= 1.0
+    for name, res in (("teacher", teacher), ("pruned", pruned)):
+        rows = [json.loads(l) for l in (root / "eval" / name / "examples.jsonl").read_text().splitlines()]
+        assert res["metrics"]["n"] == len(rows) == 40
+        assert res["metrics"]["acc"] == pytest.approx(sum(r["pred"] == r["gold"] for r in rows) / 40)
     assert pruned["model"]["params"] < teacher["model"]["params"]
     assert pruned["model"]["intermediate_size"] == 13  # demo default keep ratio 0.1 of 128, ceil(12.8)
     plan = json.loads((root / "pruned" / "pruning_plan.json").read_text())
     assert pruned["model"]["pruning_plan_sha256"] == plan["plan_sha256"]
     assert plan["source_fingerprint"] == teacher["model"]["fingerprint"]
     assert plan["params"]["total_after"] == pruned["model"]["params"]
-    for arm in ("ce", "kl"):
-        assert (root / arm / "done.json").is_file(), arm
-    assert (root / "report" / "report.md").is_file()
+    for run in ("ce_s0", "kl_s0", "ce_s1", "kl_s1"):  # two seeds per arm
+        assert json.loads((root / run / "done.json").read_text())["schedule"]["seed"] == int(run[-1]), run
+    md = (root / "report" / "report.md").read_text()
+    assert "KL − CE = " in md and "[" in md  # the paired verdict with its interval
     # an existing dir that is not a demo dir is refused with one error line and left alone
     other = tmp_path / "not_a_demo"
     other.mkdir()
@@ -46,3 +53,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill-dist: error:")]
     assert len(err) == 1 and "is not a demo dir" in err[0]
     assert (other / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.multirank
+def test_demo_is_deterministic_on_one_machine(demo_root, tmp_path):
+    """The same command twice gives the same report, byte for byte (figures differ across CPUs, not runs)."""
+    again = tmp_path / "demo"
+    assert cli.main(["demo", f"output_dir={again}", *SMALL]) == 0
+    for name in ("report.md", "report.csv"):
+        a = (demo_root / "report" / name).read_text().replace(str(demo_root), "ROOT")
+        b = (again / "report" / name).read_text().replace(str(again), "ROOT")
+        assert a == b, name

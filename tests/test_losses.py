@@ -1,10 +1,10 @@
-"""Recovery losses against float64 per-row references; chunked == naive in value and gradient."""
+"""Fused linear losses against float64 references: values, gradients w.r.t. hidden and head, refusals."""
 import math
 
 import pytest
 import torch
 
-from distill_dist.losses import LOSSES, LossSpec, chunked_loss, naive_loss
+from distill_dist.losses import LOSSES, DenseTeacher, LossSpec, SparseTeacher, fused_linear_loss, naive_loss
 
 
 def _reference(s_logits, t_logits, labels, spec):
@@ -41,9 +41,34 @@ def problem():
     }
 
 
+def _fused(problem, spec, dtype=torch.float64, chunk=7, scale=1.0):
+    """Fused loss and its gradients (as float64) for inputs cast to dtype."""
+    hs = problem["hs"].to(dtype, copy=True).requires_grad_(True)
+    ws = problem["ws"].to(dtype, copy=True).requires_grad_(True)
+    teacher = DenseTeacher(problem["ht"].to(dtype), problem["wt"].to(dtype))
+    labels = problem["y"] if spec.needs_labels else None
+    loss = fused_linear_loss(hs, ws, spec, labels=labels, teacher=teacher, chunk_size=chunk)
+    (loss * scale).backward()
+    return loss.detach(), hs.grad, ws.grad
+
+
+def _naive(problem, spec):
+    """The float64 autograd reference on whole [N, V] logits."""
+    hs = problem["hs"].clone().requires_grad_(True)
+    ws = problem["ws"].clone().requires_grad_(True)
+    labels = problem["y"] if spec.needs_labels else None
+    loss = naive_loss(hs @ ws.T, problem["ht"] @ problem["wt"].T, labels, spec)
+    loss.backward()
+    return loss.detach(), hs.grad, ws.grad
+
+
+def _rel(x, y):
+    return ((x.double() - y).abs().max() / y.abs().max()).item()
+
+
 @pytest.mark.parametrize("kind", LOSSES)
 @pytest.mark.parametrize("tau", [1.0, 2.5])
-def test_losses_match_float64_reference(problem, kind, tau):
+def test_naive_matches_float64_reference(problem, kind, tau):
     spec = LossSpec(kind=kind, temperature=tau, jsd_beta=0.3, alpha=0.4)
     s_logits, t_logits = problem["hs"] @ problem["ws"].T, problem["ht"] @ problem["wt"].T
     labels = problem["y"] if spec.needs_labels else None
@@ -54,35 +79,72 @@ def test_losses_match_float64_reference(problem, kind, tau):
 
 
 @pytest.mark.parametrize("kind", LOSSES)
-@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_chunked_equals_naive_value_and_gradient(problem, kind, dtype, rel):
-    spec = LossSpec(kind=kind, temperature=2.0)
-    labels = problem["y"] if spec.needs_labels else None
-
-    def run(chunked):
-        hs = problem["hs"].to(dtype).clone().requires_grad_(True)
-        ws = problem["ws"].to(dtype).clone().requires_grad_(True)
-        ht, wt = problem["ht"].to(dtype), problem["wt"].to(dtype)
-        if chunked:
-            loss = chunked_loss(hs, lambda h: h @ ws.T, spec, labels, ht, lambda h: h @ wt.T, chunk_size=7)
-        else:
-            loss = naive_loss(hs @ ws.T, ht @ wt.T, labels, spec)
-        loss.backward()
-        return loss.detach().double(), hs.grad.double(), ws.grad.double()
-
-    (a, gha, gwa), (b, ghb, gwb) = run(True), run(False)
-    assert a.item() == pytest.approx(b.item(), rel=rel)
+@pytest.mark.parametrize("tau", [0.7, 1.0, 2.5])
+def test_fused_equals_naive_in_float64(problem, kind, tau):
+    """Chunk 7 does not divide N = 29: the last chunk is short."""
+    spec = LossSpec(kind=kind, temperature=tau, jsd_beta=0.3, alpha=0.4)
+    (a, gha, gwa), (b, ghb, gwb) = _fused(problem, spec), _naive(problem, spec)
+    assert a.dtype == torch.float64
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+    assert a.item() == pytest.approx(_reference(problem["hs"] @ problem["ws"].T, problem["ht"] @ problem["wt"].T,
+                                                problem["y"], spec), rel=1e-10)
     for x, y in ((gha, ghb), (gwa, gwb)):
-        assert x.abs().max() > 0
-        assert ((x - y).abs().max() / y.abs().max()).item() < rel * 10
+        assert y.abs().max() > 0
+        assert _rel(x, y) < 1e-10
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_fused_float32_is_close_to_float64(problem, kind):
+    spec = LossSpec(kind=kind, temperature=2.0)
+    (a, gha, gwa), (b, ghb, gwb) = _fused(problem, spec, torch.float32), _naive(problem, spec)
+    assert a.dtype == torch.float32 and gha.dtype == torch.float32 and gwa.dtype == torch.float32
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert _rel(gha, ghb) < 1e-5 and _rel(gwa, gwb) < 1e-5
+
+
+def test_fused_bfloat16_keeps_dtypes_and_stays_close(problem):
+    """bf16 head and hidden (ZeRO-3 bf16 training): loss in float32, gradients in bf16, summed in float32."""
+    spec = LossSpec("kl", temperature=1.0)
+    (a, gha, gwa), (b, ghb, gwb) = _fused(problem, spec, torch.bfloat16, chunk=4), _naive(problem, spec)
+    assert a.dtype == torch.float32 and gha.dtype == torch.bfloat16 and gwa.dtype == torch.bfloat16
+    # bf16 inputs carry ~3 significant digits; the teacher/student logits are O(5)
+    assert a.item() == pytest.approx(b.item(), rel=0.05)
+    assert _rel(gha, ghb) < 0.05 and _rel(gwa, gwb) < 0.05
+
+
+def test_backward_scales_by_grad_output(problem):
+    spec = LossSpec("jsd", temperature=1.5)
+    _, gh1, gw1 = _fused(problem, spec)
+    _, gh3, gw3 = _fused(problem, spec, scale=-3.0)
+    assert torch.allclose(gh3, -3 * gh1, rtol=1e-14, atol=0) and torch.allclose(gw3, -3 * gw1, rtol=1e-14, atol=0)
+
+
+def test_no_grad_mode_gives_the_same_value(problem):
+    spec = LossSpec("reverse_kl", temperature=2.0)
+    teacher = DenseTeacher(problem["ht"], problem["wt"])
+    ws = problem["ws"].clone().requires_grad_(True)
+    with torch.no_grad():
+        v = fused_linear_loss(problem["hs"], ws, spec, teacher=teacher, chunk_size=5)
+    assert not v.requires_grad
+    assert v.item() == pytest.approx(_naive(problem, spec)[0].item(), rel=1e-12)
+
+
+def test_zero_positions_give_zero_loss_and_full_shape_zero_grads(problem):
+    hs = problem["hs"][:0].clone().requires_grad_(True)
+    ws = problem["ws"].clone().requires_grad_(True)
+    loss = fused_linear_loss(hs, ws, LossSpec("kl"), teacher=DenseTeacher(problem["ht"][:0], problem["wt"]))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert ws.grad.shape == ws.shape and not ws.grad.any() and hs.grad.shape == (0, ws.shape[1])
 
 
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "jsd"])
 def test_divergence_is_zero_for_identical_models(problem, kind):
-    w = problem["ws"]
-    loss = chunked_loss(problem["hs"], lambda h: h @ w.T, LossSpec(kind=kind, temperature=1.7), None,
-                        problem["hs"], lambda h: h @ w.T, chunk_size=5)
-    assert abs(loss.item()) < 1e-12
+    w = problem["ws"].clone().requires_grad_(True)
+    loss = fused_linear_loss(problem["hs"], w, LossSpec(kind=kind, temperature=1.7),
+                             teacher=DenseTeacher(problem["hs"], problem["ws"]), chunk_size=5)
+    loss.backward()
+    assert abs(loss.item()) < 1e-12 and w.grad.abs().max() < 1e-12
 
 
 def test_kl_is_a_true_divergence_not_teacher_cross_entropy(problem):
@@ -91,22 +153,50 @@ def test_kl_is_a_true_divergence_not_teacher_cross_entropy(problem):
     pt = torch.softmax(t, -1)
     cross = -(pt * torch.log_softmax(s, -1)).sum(-1).mean()
     entropy = -(pt * pt.log()).sum(-1).mean()
-    kl = naive_loss(s, t, None, LossSpec("kl"))
+    kl = fused_linear_loss(problem["hs"], problem["ws"], LossSpec("kl"),
+                           teacher=DenseTeacher(problem["ht"], problem["wt"]))
     assert kl.item() == pytest.approx((cross - entropy).item(), rel=1e-10)
     assert kl.item() < cross.item()
 
 
-def test_label_free_losses_refuse_labels(problem):
-    w = problem["ws"]
-    with pytest.raises(ValueError, match="must not see labels"):
-        chunked_loss(problem["hs"], lambda h: h @ w.T, LossSpec("kl"), problem["y"], problem["ht"], lambda h: h @ w.T)
-    with pytest.raises(ValueError, match="needs labels"):
-        chunked_loss(problem["hs"], lambda h: h @ w.T, LossSpec("ce"))
+def test_refusals_are_one_line_value_errors(problem):
+    hs, ws, y = problem["hs"], problem["ws"], problem["y"]
+    live = DenseTeacher(problem["ht"], problem["wt"])
+    sparse = SparseTeacher(torch.zeros(29, 2, dtype=torch.long), torch.full((29, 2), 0.5), torch.zeros(29))
+    cases = [
+        (dict(spec=LossSpec("kl"), labels=y, teacher=live), "must not see labels"),
+        (dict(spec=LossSpec("ce")), "needs labels"),
+        (dict(spec=LossSpec("mixed"), labels=y), "needs the teacher"),
+        (dict(spec=LossSpec("kl")), "needs the teacher"),
+        (dict(spec=LossSpec("reverse_kl"), teacher=sparse), "supports train.loss=kl only, not 'reverse_kl'"),
+        (dict(spec=LossSpec("kl"), teacher=DenseTeacher(problem["ht"][:5], problem["wt"])), "do not match"),
+        (dict(spec=LossSpec("ce"), labels=y[:5]), r"must be \[29\]"),
+        (dict(spec=LossSpec("kl"), teacher=SparseTeacher(*(x[:5] for x in sparse[:3]))), "do not match the 29"),
+        (dict(spec=LossSpec("kld"), teacher=live), "unknown loss 'kld'"),
+    ]
+    for kwargs, match in cases:
+        spec = kwargs.pop("spec")
+        with pytest.raises(ValueError, match=match) as e:
+            fused_linear_loss(hs, ws, spec, **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"\[N, H\] and \[V, H\]"):
+        fused_linear_loss(hs, ws[:, :5], LossSpec("kl"), teacher=live)
 
 
 def test_teacher_gets_no_gradient(problem):
     ws = problem["ws"].clone().requires_grad_(True)
     wt = problem["wt"].clone().requires_grad_(True)
+    ht = problem["ht"].clone().requires_grad_(True)
     hs = problem["hs"].clone().requires_grad_(True)
-    chunked_loss(hs, lambda h: h @ ws.T, LossSpec("kl"), None, problem["ht"], lambda h: h @ wt.T).backward()
-    assert wt.grad is None and ws.grad is not None and math.isfinite(ws.grad.abs().sum().item())
+    fused_linear_loss(hs, ws, LossSpec("kl"), teacher=DenseTeacher(ht, wt)).backward()
+    assert wt.grad is None and ht.grad is None
+    assert ws.grad is not None and math.isfinite(ws.grad.abs().sum().item())
+
+
+def test_head_gradient_is_handed_over_not_copied(problem):
+    """The stored gradient becomes .grad itself (ZeRO-3 needs a full-shape grad, memory needs no copy)."""
+    seen = []
+    ws = problem["ws"].clone().requires_grad_(True)
+    ws.register_hook(lambda g: seen.append(g.data_ptr()))
+    fused_linear_loss(problem["hs"], ws, LossSpec("kl"), teacher=DenseTeacher(problem["ht"], problem["wt"])).backward()
+    assert ws.grad.shape == ws.shape and seen == [ws.grad.data_ptr()]

@@ -46,15 +46,20 @@ def cmd_prune(cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------- eval
 
 def cmd_eval(cfg: RunConfig) -> dict | None:
+    import torch
+
+    from . import runtime
     from .data import load_split
-    from .distributed import maybe_init_distributed, pick_device
     from .evaluate import evaluate, write_eval
     from .models import load_causal_lm, load_tokenizer
 
     model_path = cfg.eval.model or cfg.model.path
     require_local_or_hub(model_path, "eval.model" if cfg.eval.model else "model.path")
-    rank, world_size, local_rank = maybe_init_distributed()
-    device = pick_device(cfg.eval.device, local_rank)
+    rt = runtime.init(cfg.train.pg_timeout_minutes)
+    rank, world_size = rt.rank, rt.world_size
+    device = torch.device("cpu") if cfg.eval.device == "cpu" else rt.device
+    if cfg.eval.device == "cuda" and device.type != "cuda":
+        raise ConfigError("config field 'eval.device' = 'cuda': no CUDA device is visible")
     tok = load_tokenizer(cfg.model.tokenizer or model_path)
     ds = load_split(cfg.data, cfg.eval.split)
     if cfg.eval.limit:
@@ -100,17 +105,17 @@ def _plan_sha(path: str) -> str | None:
 # ---------------------------------------------------------------- train
 
 def cmd_train(cfg: RunConfig) -> dict | None:
-    from .train import run_recovery
+    from .schedule import run_recovery
 
     return run_recovery(cfg)
 
 
 # ---------------------------------------------------------------- cache-teacher
 
-def cmd_cache_teacher(cfg: RunConfig) -> dict | None:
+def cmd_cache_teacher(cfg: RunConfig, verify: bool = False) -> dict | None:
     from .cache import run_cache_teacher
 
-    return run_cache_teacher(cfg)
+    return run_cache_teacher(cfg, verify=verify)
 
 
 # ---------------------------------------------------------------- report
@@ -120,7 +125,9 @@ def cmd_report(cfg: RunConfig) -> str:
 
     md, _ = make_report(cfg.report.runs, cfg.report.output_dir, cfg.report.teacher_eval, cfg.report.pruned_eval)
     print(md)
-    print(f"report: {Path(cfg.report.output_dir) / 'report.md'} (+ report.csv, accuracy_vs_keep_ratio.png, calibration.png)")
+    from .report import PLOTS
+
+    print(f"report: {Path(cfg.report.output_dir) / 'report.md'} (+ report.csv, {', '.join(PLOTS)})")
     return md
 
 
@@ -179,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == "cache-teacher":
             p.add_argument("--shard", type=int, help="compute only this shard (Slurm array task id)")
             p.add_argument("--num-shards", type=int, help="total number of shards (the array size)")
+            p.add_argument("--verify", action="store_true", help="re-hash every shard of a finished cache")
     args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else list(argv)))
     fn = COMMANDS[args.command][0]
-    from .train import EXIT_PREEMPTED, Preempted, install_stop_handlers
+    from .signals import EXIT_PREEMPTED, Preempted, ignore_further_notices, install_stop_handlers
 
     if args.command in ("train", "cache-teacher"):
         install_stop_handlers()
+    quiet_third_party_warnings()
 
     try:
         overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + [o for o in args.overrides if "=" in o]
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "num_shards", None) is not None:
             overrides.append(f"teacher.num_shards={args.num_shards}")
         cfg = load_config(args.config, overrides)
-        fn(cfg)
+        fn(cfg, verify=True) if getattr(args, "verify", False) else fn(cfg)
         code = 0
         _write_done_marker(args.command)
     except UserError as e:
@@ -209,8 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distill-dist: interrupted", file=sys.stderr)
         code = 130
-    _shutdown_process_group(clean=code in (0, EXIT_PREEMPTED))
+    runtime = sys.modules.get("distill_dist.runtime")  # never imported (torch and all) just to shut down
+    if runtime is not None:
+        runtime.shutdown(clean=code in (0, EXIT_PREEMPTED))
+    if args.command in ("train", "cache-teacher"):
+        ignore_further_notices()
     return code
+
+
+def quiet_third_party_warnings() -> None:
+    """DeepSpeed's collectives emit a torch FutureWarning per call (thousands of lines per run), and
+    transformers/torch repeat known deprecations; our own warnings stay visible."""
+    import warnings
+
+    for module in ("deepspeed", "torch", "transformers", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 def _take_local_rank(argv: list[str]) -> list[str]:
@@ -240,18 +263,6 @@ def _write_done_marker(command: str) -> None:
     from .fileio import atomic_write_json
 
     atomic_write_json(path, {"command": command, "finished_unix": int(time.time())})
-
-
-def _shutdown_process_group(clean: bool) -> None:
-    """Leave the process group explicitly after a clean finish (or a checkpointed stop): a process that
-    exits with gloo's worker threads still alive aborts in teardown with "terminate called without an
-    active exception" (pytorch/pytorch#190489). After an error other ranks may still be inside a
-    collective, where a destroy can hang; the process then just exits with its error status."""
-    import torch.distributed as dist
-
-    if clean and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import ConfigError
 
@@ -54,8 +54,13 @@ class TeacherConfig:
 
     source: str = "live"  # live | cache (the teacher is never loaded while training)
     cache_dir: str = "${output_dir}/teacher_cache"
-    top_k: int = 64  # teacher log-probs kept per position (+ one tail bucket for the rest)
-    dtype: str = "float16"  # stored log-probs: float16 (388 B/position at k=64) | bfloat16 | float32 (exact)
+    # hybrid (default): exact top-k + `samples` ids drawn from the teacher's tail (an unbiased target);
+    # topk_bucket: top-k + one tail bucket (the older format; biased by the tail mass, still readable).
+    format: str = "hybrid"
+    top_k: int = 32  # exact teacher log-probs kept per position
+    samples: int = 64  # hybrid: ids drawn per position from the teacher's distribution over its tail
+    seed: int = 0  # hybrid: the draws are a function of (seed, sample id), whatever the sharding
+    dtype: str = "float16"  # stored log-probs: float16 (~360 B/position at k=32, m=64) | bfloat16 | float32
     num_shards: Optional[int] = None  # null = ceil(samples / shard_samples)
     shard_samples: int = 1024
     shard: Optional[int] = None  # compute this shard only (a Slurm array task); null = all missing shards
@@ -71,8 +76,10 @@ class DataConfig:
     # Seeded subsample of the training split (the data-size sweep); null = all rows.
     train_examples: Optional[int] = None
     seed: int = 1234
-    max_length: int = 512
-    add_bos: bool = False
+    max_length: int = 512  # tokens per sequence; longer prompts lose their start, as in lm-eval
+    # BOS before every prompt, mapped onto lm-eval's `add_bos_token`: auto = as the tokenizer's config
+    # says (lm-eval's default since 0.4.9.2: Llama yes, OLMo2 no); true = always; false = never.
+    add_bos: Any = "auto"
 
 
 @dataclass
@@ -130,7 +137,9 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints (0 = only at the end and on preemption)
     keep_checkpoints: int = 2
     chunk_size: int = 1024  # positions per loss chunk through the LM head
-    deepspeed: bool = True  # false: plain single-process torch (reference runs, debugging)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
+    # How long a rank waits in a collective for a peer that died before it gives up (fail fast).
+    pg_timeout_minutes: float = 10.0
     ds_config: str = "ds_configs/student_zero3.json"
     teacher_ds_config: str = "ds_configs/teacher_zero3_inference.json"
     # Merged into both DeepSpeed configs, dotted keys allowed, e.g.
@@ -163,6 +172,7 @@ class DemoConfig:
     teacher_lr: float = 3e-3
     seed: int = 0
     ranks: int = 2  # torchrun processes per recovery arm
+    seeds: int = 2  # recovery runs per arm (train.seed = 0..seeds-1): the report's intervals need several
 
 
 @dataclass
@@ -179,22 +189,12 @@ class RunConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-def _check_keys(user: Any, schema: type, prefix: str) -> None:
-    """Unknown keys are the most common typo; name the key and the valid keys at that level."""
-    if not isinstance(user, dict):
-        return
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in user.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            valid = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{full}'; valid keys here: {valid}")
-        ftype = fields[key].type
-        sub = _dataclass_of(ftype)
-        if sub is not None:
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"config key '{full}' must be a mapping, got {value!r}")
-            _check_keys(value, sub, full + ".")
+def _check_sections(layer: dict, schema: type) -> None:
+    """A section given a scalar (`tiny=3`): omegaconf's own message names no key, so say which."""
+    for f in dataclasses.fields(schema):
+        value = layer.get(f.name)
+        if _dataclass_of(f.type) is not None and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key '{f.name}' must be a mapping, got {value!r}")
 
 
 def _dataclass_of(annotation: Any) -> type | None:
@@ -231,10 +231,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         layers.append(raw)
     layers.append(_parse_overrides(overrides or []))
     for layer in layers:
-        _check_keys(layer, schema, "")
+        _check_sections(layer, schema)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
         obj = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:  # omegaconf's unknown-key error, in our one-line form with the valid keys
+        valid = ", ".join(sorted(e.parent_node.keys())) if e.parent_node is not None else ""
+        hint = str(e).splitlines()[0].split("?")[0].partition(". ")[2]
+        raise ConfigError(f"unknown config key '{e.full_key}'{f' ({hint}?)' if hint else ''}; valid keys here: {valid}") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
@@ -264,7 +268,9 @@ def validate(cfg: Any) -> None:
     if hasattr(cfg, "teacher"):
         tc = cfg.teacher
         _require(tc.source in ("live", "cache"), "teacher.source", "live or cache", tc.source)
+        _require(tc.format in ("hybrid", "topk_bucket"), "teacher.format", "hybrid or topk_bucket", tc.format)
         _require(tc.top_k > 0, "teacher.top_k", "a positive integer", tc.top_k)
+        _require(tc.samples > 0, "teacher.samples", "a positive integer", tc.samples)
         _require(tc.dtype in DTYPES, "teacher.dtype", f"one of {DTYPES}", tc.dtype)
         _require(tc.num_shards is None or tc.num_shards > 0, "teacher.num_shards", "a positive integer or null",
                  tc.num_shards)
@@ -277,6 +283,8 @@ def validate(cfg: Any) -> None:
         _require(d.train_examples is None or d.train_examples > 0, "data.train_examples",
                  "a positive integer or null", d.train_examples)
         _require(d.max_length > 0, "data.max_length", "a positive integer", d.max_length)
+        _require(isinstance(d.add_bos, bool) or d.add_bos == "auto", "data.add_bos", "auto, true or false",
+                 d.add_bos)
     if hasattr(cfg, "prune"):
         p = cfg.prune
         _require(len(p.schedule) > 0, "prune.schedule", "a non-empty list of keep ratios", p.schedule)
@@ -307,6 +315,7 @@ def validate(cfg: Any) -> None:
         _require(tr.lr > 0, "train.lr", "a positive number", tr.lr)
         _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
         _require(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", tr.min_lr_ratio)
+        _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
         _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
     if hasattr(cfg, "eval"):
         e = cfg.eval

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import torch
@@ -19,8 +19,9 @@ from .errors import DataError
 LABELS = ("A", "B", "C", "D", "E")
 # lm-eval-harness `commonsense_qa`: target_delimiter " " + doc_to_choice ['A'..'E'].
 TARGETS = tuple(" " + label for label in LABELS)
-# Bump when format_prompt changes: caches and run metadata record it.
-PROMPT_VERSION = "lm-eval-csqa-v1"
+# Bump when format_prompt or the tokenisation of requests changes: caches and run metadata record it.
+# v2: lm-eval's joint-encoding continuation split and BOS rule (encode_choices).
+PROMPT_VERSION = "lm-eval-csqa-v2"
 
 OFFICIAL_FILES = {
     "train": "train_rand_split.jsonl",
@@ -148,32 +149,62 @@ def subsample(ds: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
     return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
 
 
-def encode_choices(tokenizer, prompt: str, targets=TARGETS, add_bos: bool = False) -> tuple[list[int], list[list[int]]]:
-    """lm-eval's context/continuation split: tokenize context+target whole, the continuation is the tail.
+ADD_BOS_MODES = ("auto", True, False)
 
+
+def lmeval_encoder(tokenizer, add_bos="auto") -> Callable[[str], list[int]]:
+    """str -> ids as lm-eval's HF model (`HFLM.tok_encode`) encodes a request string.
+
+    `add_bos` (config field `data.add_bos`) maps onto lm-eval's `add_bos_token` model argument:
+    - "auto": the tokenizer's own special tokens (`add_special_tokens=True`), i.e. BOS exactly when the
+      tokenizer's config says so (Llama/sentencepiece: yes; OLMo2/GPT-style byte-level BPE: no).
+      This is lm-eval's default from 0.4.9.2 on (`add_bos_token=None`).
+    - False: no special tokens; lm-eval with `add_bos_token=False`, and its default before 0.4.9.2.
+    - True: the tokenizer's BOS, then the plain encoding (`add_bos_token=True`).
+    """
+    if add_bos not in ADD_BOS_MODES:
+        raise DataError(f"config field 'data.add_bos' = {add_bos!r}: expected auto, true or false")
+    if add_bos is True and tokenizer.bos_token_id is None:
+        raise DataError("config field 'data.add_bos' = true: the tokenizer has no BOS token (use auto or false)")
+    prefix = [tokenizer.bos_token_id] if add_bos is True else []
+    special = add_bos == "auto"
+
+    def encode(text: str) -> list[int]:
+        return prefix + tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    return encode
+
+
+def encode_choices(tokenizer, prompt: str, targets=TARGETS, add_bos="auto") -> tuple[list[int], list[list[int]]]:
+    """lm-eval's context/continuation split (`LM._encode_pair`, causal models), for any tokenizer.
+
+    Trailing whitespace of the prompt moves to the front of every target; then the context ids are
+    the encoding of the prompt, and a target's continuation ids are the encoding of prompt+target
+    with the first len(context) ids dropped. The model reads context + continuation, which is not
+    always the joint encoding: with a sentencepiece ":▁" merge, "Answer: A" scores the bare "A"
+    after ":". Both encodings get the special tokens `add_bos` selects (see `lmeval_encoder`).
     Returns (context ids, one continuation id list per target).
     """
-    def enc(s: str) -> list[int]:
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
-
-    context = enc(prompt)
-    conts = []
-    for t in targets:
-        whole = enc(prompt + t)
-        if whole[: len(context)] != context:  # merge across the boundary: fall back to separate encoding
-            whole = context + enc(t)
-        conts.append(whole[len(context):])
-    if add_bos and tokenizer.bos_token_id is not None:
-        context = [tokenizer.bos_token_id] + context
+    enc = lmeval_encoder(tokenizer, add_bos)
+    stripped = prompt.rstrip()
+    context = enc(stripped)
+    conts = [enc(prompt + t)[len(context):] for t in targets]
+    for t, cont in zip(targets, conts):
+        if not cont:  # lm-eval asserts a non-empty continuation too
+            raise DataError(f"target {t!r} adds no tokens after the prompt {stripped[-30:]!r}: nothing to score")
     return context, conts
 
 
 def build_train_examples(tokenizer, ds: datasets.Dataset, arm: str, positions: str, max_length: int,
-                         add_bos: bool = False) -> list[dict]:
-    """Tokenised training rows: {id, input_ids, positions[, labels]}.
+                         add_bos="auto") -> list[dict]:
+    """Tokenised training rows: {id, input_ids, positions[, labels]}, with evaluation's exact tokens.
 
-    `positions` index the input tokens whose next-token distribution is supervised. The KL arm's rows
-    carry no labels at all (and are built without reading `answer`), so it cannot learn from gold.
+    The context and the gold continuation come from `encode_choices`, as in `evaluate.build_requests`,
+    so CE's labels are the continuation ids lm-eval scores, and the input is context + continuation
+    minus its last id, truncated from the left to `max_length` as lm-eval does. `positions` index the
+    input tokens whose next-token distribution is supervised: "answer" = where the continuation is
+    predicted (the last context position for the KL arm, which reads the prompt only). The KL arm's
+    rows carry no labels at all (and are built without reading `answer`), so it cannot learn from gold.
     """
     rows = []
     for r in ds:

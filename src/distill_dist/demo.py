@@ -15,16 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .config import RunConfig, to_yaml
 from .data import build_train_examples, collate, load_split
-from .distributed import free_port
 from .errors import UserError
 from .fileio import atomic_write_text
 from .losses import LossSpec
 from .models import build_tiny_model
 from .synthetic import train_tokenizer, write_synthetic_csqa
-from .train import StudentWithLoss, lr_factor
+from .engines import StudentWithLoss
+from .runtime import free_port
 
 MARKER = ".distill_dist_demo"
 
@@ -35,34 +36,37 @@ def train_teacher(model, tok, cfg: RunConfig, log=print) -> None:
     examples = build_train_examples(tok, load_split(cfg.data, "train"), "ce", "answer", cfg.data.max_length)
     net = StudentWithLoss(model, LossSpec("ce"), cfg.train.chunk_size).train()
     opt = torch.optim.AdamW(net.parameters(), lr=d.teacher_lr, betas=(0.9, 0.95))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, d.teacher_steps // 20, d.teacher_steps, min_lr_rate=0.05)
     gen = torch.Generator().manual_seed(d.seed)
     t0 = time.time()
     for step in range(d.teacher_steps):
         idx = torch.randint(0, len(examples), (d.teacher_batch,), generator=gen).tolist()
-        for group in opt.param_groups:
-            group["lr"] = d.teacher_lr * lr_factor(step, d.teacher_steps // 20, d.teacher_steps, 0.05)
         loss = net(**collate([examples[i] for i in idx], tok.pad_token_id, "cpu"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, d.teacher_steps // 5) == 0:
             log(f"teacher step {step + 1}/{d.teacher_steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
 
 
-def launch_arm(cfg_path: Path, arm: str, ranks: int, quiet: bool = False) -> None:
+def launch_arm(cfg_path: Path, arm: str, ranks: int, quiet: bool = False, seed: int = 0,
+               name: str | None = None) -> Path:
     """One recovery arm as a real torchrun job (gloo on CPU), as a user would launch it."""
+    out = cfg_path.parent / (name or arm)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "distill_dist.cli", "train", "--config", str(cfg_path), f"train.arm={arm}",
-           f"train.output_dir={cfg_path.parent / arm}"]
+           "-m", "distill_dist.cli", "train", "--config", str(cfg_path), f"train.arm={arm}", f"train.seed={seed}",
+           f"train.output_dir={out}"]
     if not quiet:
         print(f"$ {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=quiet, text=True)
     if proc.returncode != 0:
         detail = f": {proc.stderr.strip().splitlines()[-1]}" if quiet and proc.stderr.strip() else ""
         raise UserError(f"the {arm.upper()} arm's torchrun job failed with exit code {proc.returncode}{detail}")
+    return out
 
 
 def run_demo(cfg: RunConfig, prune_fn, eval_fn) -> str:
@@ -92,10 +96,9 @@ def run_demo(cfg: RunConfig, prune_fn, eval_fn) -> str:
 
     cfg_path = root / "demo_config.yaml"
     atomic_write_text(cfg_path, to_yaml(cfg))
-    for arm in ("ce", "kl"):
-        launch_arm(cfg_path, arm, cfg.demo.ranks)
-
-    md, _ = make_report([str(root / "ce"), str(root / "kl")], root / "report", str(root / "eval" / "teacher"),
+    runs = [launch_arm(cfg_path, arm, cfg.demo.ranks, seed=seed, name=f"{arm}_s{seed}")
+            for seed in range(cfg.demo.seeds) for arm in ("ce", "kl")]
+    md, _ = make_report([str(r) for r in runs], root / "report", str(root / "eval" / "teacher"),
                         str(root / "eval" / "pruned"))
     print()
     print(md)

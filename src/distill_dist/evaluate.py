@@ -1,10 +1,12 @@
 """CommonsenseQA accuracy and uncertainty by log-likelihood of the five answer letters (lm-eval `acc`).
 
-Each question's loglik of " A".." E" after the prompt is computed; when every target is one token
-(true for the OLMo2 and Llama tokenizers) one forward per question suffices, otherwise each choice
-gets its own sequence. Only the positions that score a target go through `lm_head`, so a 100k-wide
-vocabulary costs five rows per question, not the whole sequence. With several ranks, each scores a
-strided slice of the questions and rank 0 gathers them.
+Each question's loglik of " A".." E" after the prompt is computed from exactly the tokens that
+lm-eval-harness's `commonsense_qa` task feeds the model (`data.encode_choices`: its context/continuation
+split of the joint encoding, its BOS rule; `build_requests`: its left truncation). When every
+continuation is one token (OLMo2: " A"; Llama/sentencepiece: the bare "A" after ":") one forward per
+question suffices, otherwise each choice gets its own sequence. Only the positions that score a target
+go through `lm_head`, so a 100k-wide vocabulary costs five rows per question, not the whole sequence.
+With several ranks, each scores a strided slice of the questions and rank 0 gathers them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import LABELS, PROMPT_VERSION, collate, encode_choices, format_prompt
-from .distributed import gather_objects, world
+from . import runtime
 from .fileio import atomic_write_json, atomic_write_jsonl
 
 ECE_BINS = 15
@@ -31,7 +33,12 @@ class _Request:
     targets: list[int]  # choice is None: the five target ids at positions[0]; else the target per position
 
 
-def build_requests(tokenizer, rows, max_length: int, add_bos: bool = False) -> list[_Request]:
+def build_requests(tokenizer, rows, max_length: int, add_bos="auto") -> list[_Request]:
+    """lm-eval's model inputs: (context + continuation)[-(max_length + 1):][:-1], scored on the continuation.
+
+    With one-token continuations that input is the context's last max_length ids for every choice,
+    so the five share one request scored at its last position.
+    """
     reqs = []
     for i, row in enumerate(rows):
         ctx, conts = encode_choices(tokenizer, format_prompt(row["question"], row["choices"]), add_bos=add_bos)
@@ -40,7 +47,7 @@ def build_requests(tokenizer, rows, max_length: int, add_bos: bool = False) -> l
             reqs.append(_Request(i, None, ids, [len(ids) - 1], [c[0] for c in conts]))
         else:
             for j, cont in enumerate(conts):
-                ids = (ctx + cont)[-(max_length + 1):][:-1]  # truncate from the left, like lm-eval
+                ids = (ctx + cont)[-(max_length + 1):][:-1]
                 start = len(ids) - len(cont)
                 reqs.append(_Request(i, j, ids, list(range(start, len(ids))), cont))
     return reqs
@@ -64,9 +71,9 @@ def target_logprobs(model, batch: list[_Request], pad_id: int, device) -> list[t
     return out
 
 
-def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device, add_bos: bool = False,
+def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device, add_bos="auto",
                progress: bool = True) -> np.ndarray:
-    """[len(rows), 5] float64 log-likelihoods of the five targets."""
+    """[len(rows), 5] float64 log-likelihoods of the five targets (lm-eval's per-choice loglik)."""
     reqs = build_requests(tokenizer, rows, max_length, add_bos)
     order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].input_ids))  # similar lengths share a batch
     logliks = np.zeros((len(rows), 5), dtype=np.float64)
@@ -114,11 +121,11 @@ def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> tuple[dict, n
 def evaluate(model, tokenizer, dataset, batch_size: int, max_length: int, device, add_bos: bool = False,
              progress: bool = True):
     """Score `dataset` (sharded over ranks if distributed); returns (metrics, per-example rows) on every rank."""
-    rank, world_size = world()
-    mine = list(range(rank, len(dataset), world_size))
+    mine = runtime.my_share(len(dataset))
     rows = [dataset[i] for i in mine]
-    ll = score_rows(model, tokenizer, rows, batch_size, max_length, device, add_bos, progress and rank == 0)
-    parts = gather_objects((mine, ll))
+    is_main = not runtime.initialized() or runtime.get().is_main
+    ll = score_rows(model, tokenizer, rows, batch_size, max_length, device, add_bos, progress and is_main)
+    parts = runtime.gather_object((mine, ll))
     logliks = np.zeros((len(dataset), 5))
     for idx, part in parts:
         logliks[idx] = part

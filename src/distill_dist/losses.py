@@ -1,21 +1,25 @@
-"""Recovery losses, computed chunk by chunk over supervised positions through the LM head.
+"""Recovery losses, fused with the LM head: value and analytic gradient in one pass over the positions.
 
-Never materialise full-vocabulary float32 logits for a whole batch: for each chunk of positions the
-student's (and teacher's) logits are formed, reduced to a loss sum, and dropped; the chunk is
-recomputed in backward (activation checkpointing), so peak memory is one chunk's [chunk, V] logits.
+`fused_linear_loss` walks the N supervised positions in chunks; for each chunk it forms the student's
+(and a live teacher's) logits, adds the chunk's loss and writes d loss / d logits straight through the
+head into grad-hidden [N, H] and grad-weight [V, H]. The [chunk, V] buffers are dropped before the
+next chunk, so nothing of size [N, V] ever exists, and backward only scales the stored gradients by
+grad_output (no recompute). Per chunk at most two float32 [chunk, V] buffers are live for forward KL
+and the cache losses, a few more for reverse KL, JSD and mixed.
 
-All KL-family values are true divergences (zero when student == teacher), scaled by tau^2 as usual
-for distillation so gradients keep their size across temperatures.
+The teacher is either live (`DenseTeacher`: its hidden states and its already gathered head weight) or
+a teacher-logit cache (`SparseTeacher`: a target distribution on a few ids per position, see
+`sparse_targets.py`). All KL-family values are true divergences (zero when student == teacher), scaled
+by tau^2 as usual for distillation so gradients keep their size across temperatures; CE is at tau = 1.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("ce", "kl", "reverse_kl", "jsd", "mixed")
 
@@ -36,10 +40,263 @@ class LossSpec:
         return self.kind in ("ce", "mixed")
 
 
+class DenseTeacher(NamedTuple):
+    """A live teacher: the logits of rows i:j are hidden[i:j] @ weight.T (formed per chunk, no grad)."""
+    hidden: torch.Tensor  # [N, Ht]
+    weight: torch.Tensor  # [V, Ht], already gathered by the caller
+
+
+class SparseTeacher(NamedTuple):
+    """A teacher-logit cache's target, aligned with the N supervised positions (built by sparse_targets).
+
+    The loss per position is -sum_i weights[i] * log q_student(ids[i]) (ids may repeat: repeats add up)
+    minus `entropy`, so its value is a KL and its gradient w.r.t. the student's logits/tau is
+    sum(weights) * q - scatter(weights). With `bucket` set (the old top-k + tail-bucket format) the ids are
+    the teacher's distinct top-k and `bucket` is the teacher's remaining mass, matched against the
+    student's own mass outside those ids: its gradient is q - p~ with the bucket spread like q's tail.
+    """
+    ids: torch.Tensor  # [N, M] int64
+    weights: torch.Tensor  # [N, M] target mass on each id, at the training temperature
+    entropy: torch.Tensor  # [N] entropy of the target distribution: reported KL = cross-entropy - entropy
+    bucket: torch.Tensor | None = None  # [N] tail mass of the old top-k + bucket format; None for the hybrid
+
+    def to(self, device) -> "SparseTeacher":
+        return SparseTeacher(*(None if t is None else t.to(device) for t in self))
+
+
 def _up(x: torch.Tensor) -> torch.Tensor:
     """Loss math in float32 at least (bf16 logits upcast; float64 kept for reference checks)."""
     return x if x.dtype == torch.float64 else x.float()
 
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[r, j] * b[r, j] per row, without a [rows, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _normalise_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> x - rowmax in place; returns (softmax(x) as a new buffer, log of the shifted row sums)."""
+    x.sub_(x.amax(-1, keepdim=True))
+    p = x.exp()
+    s = p.sum(-1, keepdim=True)
+    return p.div_(s), s.log()
+
+
+# ------------------------------------------------- per chunk: (loss sum, d loss_sum / d logits, scale)
+# Each returns the chunk's loss sum (float64), a gradient buffer g and a constant `scale` such that
+# d loss_sum / d s = scale * g for the student's logits s. Logits come as fresh float32+ [c, V] buffers,
+# destroyed in place; live losses get them from callables, teacher first, so that the teacher's buffer
+# is freed (its only reference is local) before the student's exists.
+
+def _ce(s: torch.Tensor, y: torch.Tensor):
+    s.sub_(s.amax(-1, keepdim=True))
+    s_y = s.gather(1, y[:, None]).view(-1)
+    q = s.exp_()
+    z = q.sum(-1, keepdim=True)
+    q.div_(z)
+    value = (z.view(-1).log() - s_y).double().sum()
+    return value, q.scatter_add_(1, y[:, None], torch.full_like(s_y[:, None], -1.0)), 1.0
+
+
+def _kl(student, teacher, tau: float):
+    """Forward KL(p || q) * tau^2 = (sum p log p - sum p log q) * tau^2; d/ds = tau * (q - p)."""
+    t = teacher().div_(tau)
+    p, log_zt = _normalise_(t)
+    neg_h = _rowdot(p, t) - log_zt.view(-1) * p.sum(-1)  # sum p log p
+    del t
+    s = student().div_(tau)
+    s.sub_(s.amax(-1, keepdim=True))
+    cross = _rowdot(p, s)  # sum p (s - max); log q = s - max - log Z
+    q = s.exp_()
+    z = q.sum(-1, keepdim=True)
+    q.div_(z)
+    value = (neg_h - cross + z.view(-1).log() * p.sum(-1)).double().sum() * tau * tau
+    return value, q.sub_(p), tau
+
+
+def _reverse_kl(student, teacher, tau: float):
+    """KL(q || p) * tau^2; d/ds = tau * q * (r - sum q r) with r = log q - log p."""
+    t = teacher().div_(tau)
+    t.sub_(torch.logsumexp(t, -1, keepdim=True))
+    s = student().div_(tau)
+    q, log_zs = _normalise_(s)
+    r = s.sub_(log_zs).sub_(t)
+    del t
+    row = _rowdot(q, r)
+    value = row.double().sum() * tau * tau
+    return value, r.sub_(row[:, None]).mul_(q), tau
+
+
+def _jsd(student, teacher, tau: float, beta: float):
+    """beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, times tau^2;
+    d/dq = (1-beta) log(q/m), so d/ds = tau * q * (a - sum q a) with a = (1-beta) log(q/m)."""
+    t = teacher().div_(tau)
+    t.sub_(torch.logsumexp(t, -1, keepdim=True))
+    s = student().div_(tau)
+    q, log_zs = _normalise_(s)
+    s.sub_(log_zs)
+    log_m = s + math.log(1 - beta)
+    tmp = t + math.log(beta)
+    torch.logaddexp(log_m, tmp, out=log_m)
+    torch.sub(t, log_m, out=tmp)  # log p - log m
+    part_p = _rowdot(t.exp_(), tmp)
+    del t, tmp
+    a = s.sub_(log_m).mul_(1 - beta)
+    part_q = _rowdot(q, a)
+    value = (beta * part_p + part_q).double().sum() * tau * tau
+    return value, a.sub_(part_q[:, None]).mul_(q), tau
+
+
+def _mixed(student, teacher, y: torch.Tensor, spec: LossSpec):
+    """alpha * CE(s, y) + (1 - alpha) * KL_tau (the student's logits formed once, copied for CE)."""
+    s = student()
+    v_ce, g_ce, _ = _ce(s.clone(), y)
+    v_kl, g_kl, scale = _kl(lambda: s, teacher, spec.temperature)
+    g = g_kl.mul_((1 - spec.alpha) * scale).add_(g_ce, alpha=spec.alpha)
+    return spec.alpha * v_ce + (1 - spec.alpha) * v_kl, g, 1.0
+
+
+def _sparse(s: torch.Tensor, st: SparseTeacher, tau: float):
+    """-sum w log q - entropy, times tau^2 (see SparseTeacher); q's tail feeds the old format's bucket."""
+    s.div_(tau)
+    s.sub_(s.amax(-1, keepdim=True))
+    ids, w = st.ids, _up(st.weights).to(s.dtype)
+    s_k = s.gather(1, ids)
+    q = s.exp_()
+    z = q.sum(-1, keepdim=True)
+    q.div_(z)
+    w_sum = w.sum(-1)
+    cross = w_sum * z.view(-1).log() - (w * s_k).sum(-1)  # -sum w log q
+    if st.bucket is None:
+        g = q.mul_(w_sum[:, None]).scatter_add_(1, ids, -w)
+    else:
+        big_p = _up(st.bucket).to(s.dtype)
+        q_k = q.gather(1, ids)
+        q_tail = q.scatter_(1, ids, 0.0).sum(-1).clamp_min(torch.finfo(s.dtype).tiny)  # a sum of positives
+        has_tail = big_p > 0
+        cross = cross - torch.where(has_tail, big_p * q_tail.log(), torch.zeros_like(big_p))
+        ratio = torch.where(has_tail, big_p / q_tail, torch.zeros_like(big_p))
+        g = q.mul_((w_sum + big_p - ratio)[:, None]).scatter_(1, ids, q_k * (w_sum + big_p)[:, None] - w)
+    value = (cross - _up(st.entropy).to(s.dtype)).double().sum() * tau * tau
+    return value, g, tau
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, spec: LossSpec, y, teacher, i: int, j: int):
+    """One chunk's (loss sum, gradient buffer, scale) from its hidden states."""
+    tau = spec.temperature
+
+    def student() -> torch.Tensor:
+        return _up(h @ weight.T)
+
+    def live() -> torch.Tensor:
+        return _up(teacher.hidden[i:j] @ teacher.weight.T).to(_up(h).dtype)
+
+    if isinstance(teacher, SparseTeacher):
+        return _sparse(student(), SparseTeacher(*(None if x is None else x[i:j] for x in teacher)), tau)
+    if spec.kind == "ce":
+        return _ce(student(), y)
+    if spec.kind == "mixed":
+        return _mixed(student, live, y, spec)
+    if spec.kind == "kl":
+        return _kl(student, live, tau)
+    if spec.kind == "reverse_kl":
+        return _reverse_kl(student, live, tau)
+    return _jsd(student, live, tau, spec.jsd_beta)
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Forward computes the mean loss and both gradients chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, spec, labels, teacher, chunk_size, need_h, need_w):
+        n = hidden.shape[0]
+        low = weight.dtype in (torch.float16, torch.bfloat16)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if low else weight.dtype,
+                             device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        scale = 1.0
+        for i in range(0, n, chunk_size):
+            j = min(i + chunk_size, n)
+            h = hidden[i:j]
+            value, g, scale = _chunk(h, weight, spec, None if labels is None else labels[i:j], teacher, i, j)
+            total += value
+            if not (need_h or need_w):
+                continue
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[i:j] = g @ weight
+            if need_w and low:  # a bf16/fp16 product per chunk, accumulated in float32
+                grad_w.add_(g.T @ h.to(weight.dtype))
+            elif need_w:
+                grad_w.addmm_(g.T, h.to(grad_w.dtype))
+            del g
+        factor = scale / max(n, 1)
+        if grad_h is not None:
+            grad_h.mul_(factor)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(factor).to(weight.dtype)
+        ctx.grads = [grad_h, grad_w]
+        return (total / max(n, 1)).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_loss: backward ran twice; its stored gradients are consumed "
+                               "(retain_graph is not supported)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # autograd takes the only reference: no copy when it becomes .grad
+        for g in (grad_h, grad_w):
+            if g is not None:
+                g.mul_(grad_out.to(g.dtype))
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _check(hidden, weight, spec: LossSpec, labels, teacher) -> None:
+    """One-line ValueError for every misuse the recipe could make."""
+    if spec.kind not in LOSSES:
+        raise ValueError(f"unknown loss '{spec.kind}'; expected one of {', '.join(LOSSES)}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} "
+                         "must be [N, H] and [V, H]")
+    n = hidden.shape[0]
+    if isinstance(teacher, SparseTeacher) and spec.kind != "kl":
+        raise ValueError(f"a teacher-logit cache supports train.loss=kl only, not '{spec.kind}'")
+    if labels is not None and not spec.needs_labels:
+        raise ValueError(f"loss '{spec.kind}' must not see labels (self-distillation is label-free)")
+    if spec.needs_labels and labels is None:
+        raise ValueError(f"loss '{spec.kind}' needs labels")
+    if spec.needs_teacher and teacher is None:
+        raise ValueError(f"loss '{spec.kind}' needs the teacher")
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ValueError(f"labels {tuple(labels.shape)} must be [{n}], one per supervised position")
+    if isinstance(teacher, DenseTeacher) and spec.needs_teacher:
+        ht, wt = teacher
+        if ht.shape[0] != n or wt.shape[0] != weight.shape[0] or ht.shape[1] != wt.shape[1]:
+            raise ValueError(f"teacher hidden {tuple(ht.shape)} / head {tuple(wt.shape)} do not match "
+                             f"{n} positions and vocabulary {weight.shape[0]}")
+    if isinstance(teacher, SparseTeacher) and any(x is not None and x.shape[0] != n for x in teacher):
+        raise ValueError(f"the teacher-logit cache rows do not match the {n} supervised positions")
+
+
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, spec: LossSpec, *,
+                      labels: torch.Tensor | None = None, teacher: DenseTeacher | SparseTeacher | None = None,
+                      chunk_size: int = 1024) -> torch.Tensor:
+    """Mean loss over the N rows of hidden [N, H] through the student's head weight [V, H].
+
+    Differentiable w.r.t. hidden and weight (gradients computed in forward, see module doc); the weight
+    must be the full (gathered) head: this function never calls a module, so it is collective-free.
+    A teacher given to 'ce' is ignored. N = 0 gives a zero loss with zero gradients.
+    """
+    _check(hidden, weight, spec, labels, teacher)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    grad_on = torch.is_grad_enabled()
+    return _FusedLinearLoss.apply(hidden, weight, spec, labels, teacher if spec.needs_teacher else None,
+                                  chunk_size, grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+
+
+# ------------------------------------------------------------------ references (tests, benchmarks)
 
 def divergence_sum(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, tau: float, beta: float) -> torch.Tensor:
     """Sum over rows of the divergence between teacher and student distributions at temperature tau."""
@@ -58,26 +315,6 @@ def divergence_sum(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, ta
     return d * tau * tau
 
 
-def cached_kl_sum(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_ids: torch.Tensor, t_log_tail: torch.Tensor,
-                  tau: float) -> torch.Tensor:
-    """Forward KL from a top-k teacher cache: the teacher is k tokens plus one tail bucket holding the rest
-    of its mass; the student's tail is 1 - its mass on the teacher's top-k ids. Exact when k = V.
-
-    t_logprobs [N, k] are the teacher's log-probabilities at temperature tau, t_ids [N, k], t_log_tail [N].
-    """
-    log_ps = torch.log_softmax(_up(s_logits) / tau, dim=-1)
-    log_ps_k = log_ps.gather(1, t_ids.long())
-    # log of the student's remaining mass, computed stably from the tokens outside the top-k
-    outside = log_ps.scatter(1, t_ids.long(), float("-inf"))
-    log_ps_tail = torch.logsumexp(outside, dim=-1)
-    t_k, t_tail = _up(t_logprobs), _up(t_log_tail)
-    kl_k = (t_k.exp() * (t_k - log_ps_k)).sum()
-    q_tail = t_tail.exp()
-    # 0 * log 0 = 0: no tail when the cache holds the whole vocabulary
-    kl_tail = torch.where(q_tail > 0, q_tail * (t_tail - log_ps_tail), torch.zeros_like(q_tail)).sum()
-    return (kl_k + kl_tail) * tau * tau
-
-
 def loss_sum_from_logits(s_logits, t_logits, labels, spec: LossSpec) -> torch.Tensor:
     if spec.kind == "ce":
         return F.cross_entropy(_up(s_logits), labels, reduction="sum")
@@ -87,61 +324,19 @@ def loss_sum_from_logits(s_logits, t_logits, labels, spec: LossSpec) -> torch.Te
     return divergence_sum(s_logits, t_logits, spec.kind, spec.temperature, spec.jsd_beta)
 
 
-def chunked_loss(student_hidden: torch.Tensor, student_head: Callable[[torch.Tensor], torch.Tensor],
-                 spec: LossSpec, labels: torch.Tensor | None = None,
-                 teacher_hidden: torch.Tensor | None = None,
-                 teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 chunk_size: int = 1024, teacher_cache: tuple | None = None) -> torch.Tensor:
-    """Mean loss over the N supervised positions; hidden states are [N, H] at those positions.
-
-    The teacher is either live (its hidden states + LM head) or a top-k cache
-    (`teacher_cache` = (logprobs [N, k], ids [N, k], log_tail [N]), forward KL only).
-    """
-    n = student_hidden.shape[0]
-    if teacher_cache is not None:
-        if spec.kind != "kl":
-            raise ValueError(f"a top-k teacher cache supports train.loss=kl only, not '{spec.kind}'")
-        if labels is not None:
-            raise ValueError("loss 'kl' must not see labels (self-distillation is label-free)")
-
-        def cached_chunk(h_s, lp, ids, tail):
-            return cached_kl_sum(student_head(h_s), lp, ids, tail, spec.temperature)
-
-        total = _up(student_hidden.new_zeros(()))
-        for i in range(0, n, chunk_size):
-            args = (student_hidden[i: i + chunk_size], *(t[i: i + chunk_size] for t in teacher_cache))
-            if torch.is_grad_enabled() and student_hidden.requires_grad:
-                total = total + checkpoint(cached_chunk, *args, use_reentrant=False)
-            else:
-                total = total + cached_chunk(*args)
-        return total / max(n, 1)
-    if spec.needs_labels and labels is None:
-        raise ValueError(f"loss '{spec.kind}' needs labels")
-    if not spec.needs_labels and labels is not None:
-        raise ValueError(f"loss '{spec.kind}' must not see labels (self-distillation is label-free)")
-    if spec.needs_teacher and (teacher_hidden is None or teacher_head is None):
-        raise ValueError(f"loss '{spec.kind}' needs the teacher")
-
-    def chunk(h_s, h_t, y):
-        s_logits = student_head(h_s)
-        t_logits = None
-        if h_t is not None:
-            with torch.no_grad():
-                t_logits = teacher_head(h_t)
-        return loss_sum_from_logits(s_logits, t_logits, y, spec)
-
-    total = _up(student_hidden.new_zeros(()))
-    for i in range(0, n, chunk_size):
-        h_s = student_hidden[i: i + chunk_size]
-        h_t = teacher_hidden[i: i + chunk_size] if spec.needs_teacher else None
-        y = labels[i: i + chunk_size] if labels is not None else None
-        if torch.is_grad_enabled() and h_s.requires_grad:
-            total = total + checkpoint(chunk, h_s, h_t, y, use_reentrant=False)
-        else:
-            total = total + chunk(h_s, h_t, y)
-    return total / max(n, 1)
-
-
 def naive_loss(s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels, spec: LossSpec) -> torch.Tensor:
-    """Reference: whole [N, V] logits at once (tests and the memory benchmark)."""
+    """Reference: whole [N, V] logits at once through autograd (tests and the memory benchmark)."""
     return loss_sum_from_logits(s_logits, t_logits, labels, spec) / s_logits.shape[0]
+
+
+def naive_sparse_loss(s_logits: torch.Tensor, teacher: SparseTeacher, tau: float) -> torch.Tensor:
+    """Reference for the cache loss on whole [N, V] logits through autograd: the bucket meets the
+    student's log-mass outside the top-k ids, computed by a log-sum-exp over those entries."""
+    log_q = torch.log_softmax(_up(s_logits) / tau, dim=-1)
+    w = _up(teacher.weights).to(log_q.dtype)
+    cross = -(w * log_q.gather(1, teacher.ids)).sum(-1)
+    if teacher.bucket is not None:
+        big_p = _up(teacher.bucket).to(log_q.dtype)
+        log_tail = torch.logsumexp(log_q.scatter(1, teacher.ids, float("-inf")), dim=-1)
+        cross = cross - torch.where(big_p > 0, big_p * log_tail, torch.zeros_like(big_p))
+    return (cross - _up(teacher.entropy).to(log_q.dtype)).sum() * tau * tau / s_logits.shape[0]

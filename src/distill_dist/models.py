@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import ModelConfig, TinyModelConfig
+from .config import TinyModelConfig
 from .errors import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,11 +39,12 @@ def load_tokenizer(spec: str):
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """Loaded straight onto `device` (device_map): 8 ranks on a node never each stage a copy in host RAM."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map=str(device))
     except Exception as e:
         raise CheckpointError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return model.eval()
 
 
 def gated_mlps(model) -> list:
@@ -76,7 +77,3 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer):
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     return model.eval()
-
-
-def resolve_tokenizer_spec(model_cfg: ModelConfig) -> str:
-    return model_cfg.tokenizer or model_cfg.path

@@ -29,7 +29,8 @@ from typing import Iterator
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_write_json, canonical_json, replace_dir, sha256_bytes, sha256_file
+from .fileio import (CONTENT_HASH_FILE, atomic_write_json, canonical_json, checkpoint_fingerprint, replace_dir,
+                     sha256_bytes, sha256_file)
 from .models import MLP_PROJ, mlp_weight_name
 
 PLAN_FORMAT = "distill_dist.pruning_plan/v1"
@@ -39,7 +40,7 @@ _ST_DTYPES = {
     "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_NON_COPIED = {"config.json", "model.safetensors.index.json", PLAN_FILE}
+_NON_COPIED = {"config.json", "model.safetensors.index.json", PLAN_FILE, CONTENT_HASH_FILE}  # the hash describes the source
 
 
 # ---------------------------------------------------------------- neuron selection (pure functions)
@@ -359,8 +360,11 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
+    # The id later stages compare (cheap: headers, sizes, config); the full content hash of what was read
+    # comes free with the streaming pass and is recorded too.
+    source_fp = checkpoint_fingerprint(src)
     entries = [("config.json", sha256_file(src / "config.json"))] + sorted(file_hashes.items())
-    source_fp = sha256_bytes(canonical_json([list(e) for e in entries]).encode())
+    content_sha = sha256_bytes(canonical_json([list(e) for e in entries]).encode())
     # The unpruned model at the root of a chain of prunes (iterative schedules prune pruned students):
     # the teacher a KL arm must distil from.
     src_plan = src / PLAN_FILE
@@ -368,6 +372,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     plan = {
         "format": PLAN_FORMAT,
         "source_fingerprint": source_fp,
+        "source_content_sha256": content_sha,
         "root_fingerprint": root_fp,
         "architecture": mcfg["architectures"][0],
         "num_layers": n_layers,

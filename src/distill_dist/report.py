@@ -1,28 +1,91 @@
-"""Compare recovery runs: a Markdown/CSV table and PNG plots, refusing unfair comparisons.
+"""Compare recovery runs: per-group tables with paired statistics, a CSV, and PNG plots.
 
-Runs are grouped by (keep ratio, training examples). Within a group every run must start from the
-same pruning (plan hash) under the same schedule (steps, batch, LR, seed, data), or the comparison
-is refused: a CE-vs-KL gap is only meaningful when nothing but the loss differs.
+Runs are grouped by (keep ratio, training examples); the seeds of an arm within a group are its runs'
+`schedule.seed`. A group is refused unless nothing but the loss and the seed differs between its runs:
+same pruning plan and prune settings, schedule, data (incl. max length), loss positions and temperature,
+evaluation split, and the same evaluation questions. A CE-vs-KL gap means nothing otherwise.
+
+Statistics (stats.py): mean ± sd over seeds per arm; for KL − CE (seeds paired by seed value) and for
+each arm against the pruned-before-recovery model and the teacher, paired bootstrap 95 % CIs of Δacc,
+ΔNLL, ΔECE and exact McNemar tests per seed pair, with a verdict that never claims more than the CI.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import stats
+from .data import LABELS
 from .errors import UserError
 from .evaluate import ECE_BINS, confidence_bins
 from .fileio import atomic_write_bytes, atomic_write_text
 
-COLUMNS = ["arm", "loss", "keep_ratio", "params_retained", "train_examples", "acc", "nll", "ece", "entropy",
-           "delta_vs_teacher", "delta_kl_minus_ce", "teacher_source", "plan_sha256", "run"]
+# Fields that must be equal within a group (dotted: a nested dict is compared leaf by leaf).
+COMPARED = ("plan_sha256", "prune", "schedule", "data", "loss.positions", "loss.temperature", "eval.split")
+NOT_COMPARED = {"schedule.seed"}  # seeds are the replicates
+ARM_NAMES = {"ce": "CE", "kl": "KL"}
+BASELINE_NAMES = {"pruned": "pruned", "teacher": "teacher"}
+DELTA_METRICS = ("acc", "nll", "ece")
+COLUMNS = (["row_type", "keep_ratio", "train_examples", "name", "seeds", "n_questions", "split", "params_retained"]
+           + [f"{m}_{s}" for m in stats.METRICS for s in ("mean", "sd", "low", "high")]
+           + ["mcnemar_seed", "mcnemar_b", "mcnemar_c", "mcnemar_p", "runs"])
+PLOTS = ("accuracy_vs_keep_ratio.png", "data_size.png", "calibration.png")
 
 
 class ReportError(UserError):
     pass
+
+
+@dataclass
+class Model:
+    """One evaluated model: an arm's seeds (rows in seed order) or one baseline evaluation (seed None)."""
+    name: str
+    seeds: list
+    metrics: list[dict]
+    pq: stats.PerQuestion | None  # questions with a gold answer; None when the split has none
+    sources: list[str]
+    params_retained: float | None
+    ci: dict | None = None  # bootstrap CI of each metric of this model alone (plots, csv)
+
+
+@dataclass
+class Comparison:
+    a: str
+    b: str
+    seeds: list
+    intervals: dict[str, stats.Interval]
+    mcnemar: list[stats.McNemar]
+
+
+@dataclass
+class Group:
+    keep_ratio: float
+    train_examples: int
+    split: str
+    ids: list[str]
+    n_answered: int = 0  # questions with a gold answer: what the paired statistics use
+    models: dict[str, Model] = field(default_factory=dict)  # ce, kl, pruned, teacher
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loading and fairness
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_eval_dir(eval_dir: Path, what: str) -> tuple[dict, list[dict]]:
+    """eval.json and the per-question rows of one evaluation (both are needed for paired statistics)."""
+    for f in ("eval.json", "examples.jsonl"):
+        if not (eval_dir / f).is_file():
+            raise ReportError(f"{what}: no {eval_dir / f} (per-question results are needed); run `distill-dist eval`")
+    return json.loads((eval_dir / "eval.json").read_text()), _read_jsonl(eval_dir / "examples.jsonl")
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -31,24 +94,45 @@ def load_run(run_dir: str | Path) -> dict:
     if not done.is_file():
         raise ReportError(f"{run_dir}: no done.json (the run has not finished)")
     d = json.loads(done.read_text())
-    if "eval" not in d or d["eval"] is None:
+    if d.get("eval") is None:
         raise ReportError(f"{run_dir}: the run was not evaluated (train.eval_after=false); run `distill-dist eval`")
-    d["run_dir"] = str(run_dir)
-    return d
+    ev, rows = _read_eval_dir(run_dir / "eval", str(run_dir))
+    return d | {"run_dir": str(run_dir), "eval_split": ev.get("split"), "examples": rows}
 
 
-def check_comparable(runs: list[dict]) -> None:
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["keep_ratio"], r["schedule"]["train_examples"]), []).append(r)
-    for (ratio, n), members in groups.items():
-        first = members[0]
-        for other in members[1:]:
-            for key in ("plan_sha256", "schedule", "data", "prune"):
-                if other[key] != first[key]:
-                    raise ReportError(
-                        f"refusing to compare {first['run_dir']} and {other['run_dir']} (keep {ratio}, {n} examples): "
-                        f"their {key} differ ({_short(first[key])} vs {_short(other[key])})")
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k in sorted(value):
+            out |= _flatten(value[k], f"{prefix}.{k}")
+        return out
+    return {prefix: value}
+
+
+def _fair_view(run: dict) -> dict:
+    """The dotted fields that must match, e.g. {'schedule.lr': 1e-4, 'loss.temperature': 1.0, ...}."""
+    view = {}
+    for name in COMPARED:
+        value = run.get("eval_split") if name == "eval.split" else run
+        if name != "eval.split":
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+        view |= _flatten(value, name)
+    return {k: v for k, v in view.items() if k not in NOT_COMPARED}
+
+
+def check_comparable(members: list[dict], where: str) -> None:
+    first, view0 = members[0], _fair_view(members[0])
+    for other in members[1:]:
+        view = _fair_view(other)
+        for key in sorted(set(view0) | set(view), key=lambda k: (COMPARED.index(_root(k)), k)):
+            if view0.get(key) != view.get(key):
+                raise ReportError(f"refusing to compare {first['run_dir']} and {other['run_dir']} ({where}): "
+                                  f"their {key} differ ({_short(view0.get(key))} vs {_short(view.get(key))})")
+
+
+def _root(key: str) -> str:
+    return next(c for c in COMPARED if key == c or key.startswith(c + "."))
 
 
 def _short(v) -> str:
@@ -56,157 +140,404 @@ def _short(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def build_rows(runs: list[dict], teacher_eval: dict | None) -> list[dict]:
-    teacher_acc = teacher_eval["metrics"]["acc"] if teacher_eval else None
-    rows = []
-    for r in sorted(runs, key=lambda r: (-r["keep_ratio"], r["schedule"]["train_examples"], r["arm"])):
-        m = r["eval"]
-        rows.append({
-            "arm": r["arm"], "loss": r["loss"]["kind"], "keep_ratio": r["keep_ratio"],
-            "params_retained": r["params_after"] / r["params_before"], "train_examples": r["schedule"]["train_examples"],
-            "acc": m["acc"], "nll": m["nll"], "ece": m["ece"], "entropy": m["entropy"],
-            "delta_vs_teacher": None if teacher_acc is None else m["acc"] - teacher_acc,
-            "delta_kl_minus_ce": None, "teacher_source": r["teacher"]["source"],
-            "plan_sha256": r["plan_sha256"][:12], "run": r["run_dir"],
-        })
-    for row in rows:
-        if row["arm"] == "kl":
-            ce = [c for c in rows if c["arm"] == "ce" and c["keep_ratio"] == row["keep_ratio"]
-                  and c["train_examples"] == row["train_examples"]]
-            if ce:
-                row["delta_kl_minus_ce"] = row["acc"] - ce[0]["acc"]
-    return rows
+def _check_questions(ref: tuple[str, list[dict]], other: tuple[str, list[dict]]) -> None:
+    """Paired statistics need the same questions with the same gold answers."""
+    a = {r["id"]: r["gold"] for r in ref[1]}
+    b = {r["id"]: r["gold"] for r in other[1]}
+    if a.keys() != b.keys():
+        raise ReportError(f"refusing to compare {ref[0]} and {other[0]}: evaluated on different question sets "
+                          f"({len(a)} vs {len(b)} questions, {len(a.keys() ^ b.keys())} ids in only one)")
+    bad = sum(a[k] != b[k] for k in a)
+    if bad:
+        raise ReportError(f"refusing to compare {ref[0]} and {other[0]}: {bad} questions have different gold answers")
 
 
-def _fmt(v) -> str:
-    if v is None:
+def _per_question(rows_per_seed: list[list[dict]], ids: list[str]) -> stats.PerQuestion | None:
+    """[S, Q] arrays over the questions (in `ids` order) that have a gold answer."""
+    by_id = [{r["id"]: r for r in rows} for rows in rows_per_seed]
+    keep = [i for i in ids if by_id[0][i]["gold"] is not None]
+    if not keep:
+        return None
+    probs = np.array([[m[i]["probs"] for i in keep] for m in by_id], dtype=np.float64)
+    pred = np.array([[LABELS.index(m[i]["pred"]) for i in keep] for m in by_id])
+    gold = np.array([LABELS.index(by_id[0][i]["gold"]) for i in keep])
+    return stats.PerQuestion.from_probs(probs, gold, pred)
+
+
+def _load_baseline(path: str | None, field_name: str) -> dict | None:
+    """A teacher / pruned evaluation: eval.json (or its directory) with examples.jsonl beside it."""
+    if not path:
+        return None
+    p = Path(path)
+    eval_dir = p if p.is_dir() else p.parent
+    if not (eval_dir / "eval.json").is_file():
+        raise ReportError(f"config field '{field_name}': no such file '{eval_dir / 'eval.json'}'")
+    ev, rows = _read_eval_dir(eval_dir, f"config field '{field_name}'")
+    return ev | {"source": str(eval_dir), "examples": rows}
+
+
+def _pruned_matches(pruned: dict, run: dict) -> bool:
+    """Is this evaluation of the pruned checkpoint the run started from? By plan hash (recorded by
+    `distill-dist eval`, else read beside the checkpoint), else by parameter count."""
+    model = pruned.get("model", {})
+    plan_file = Path(model.get("path") or "/nonexistent") / "pruning_plan.json"
+    plan = model.get("pruning_plan_sha256") or (json.loads(plan_file.read_text()).get("plan_sha256")
+                                                if plan_file.is_file() else None)
+    return plan == run["plan_sha256"] if plan else model.get("params") == run["params_after"]
+
+
+# ---------------------------------------------------------------- groups and statistics
+
+def _arm_model(arm: str, members: list[dict], ids: list[str]) -> Model:
+    by_seed = sorted(members, key=lambda r: r["schedule"].get("seed"))
+    seeds = [r["schedule"].get("seed") for r in by_seed]
+    for x, y in zip(by_seed, by_seed[1:]):
+        if x["schedule"].get("seed") == y["schedule"].get("seed"):
+            raise ReportError(f"refusing to report {x['run_dir']} and {y['run_dir']}: two {ARM_NAMES.get(arm, arm)} "
+                              f"runs with schedule.seed {x['schedule'].get('seed')} in one group; give each seed once")
+    return Model(ARM_NAMES.get(arm, arm.upper()), seeds, [r["eval"] for r in by_seed],
+                 _per_question([r["examples"] for r in by_seed], ids), [r["run_dir"] for r in by_seed],
+                 by_seed[0]["params_after"] / by_seed[0]["params_before"])
+
+
+def _baseline_model(key: str, ev: dict, params_before: int) -> Model:
+    params = ev.get("model", {}).get("params")
+    return Model(BASELINE_NAMES[key], [None], [ev["metrics"]], None, [ev["source"]],
+                 params / params_before if params else None)
+
+
+def build_group(members: list[dict], baselines: dict[str, dict]) -> Group:
+    """Check one (keep ratio, training examples) group, then compute every model's and comparison's stats."""
+    first = members[0]
+    where = f"keep {first['keep_ratio']}, {first['schedule']['train_examples']} examples"
+    check_comparable(members, where)
+    ref = (first["run_dir"], first["examples"])
+    for r in members[1:]:
+        _check_questions(ref, (r["run_dir"], r["examples"]))
+    ids = [r["id"] for r in first["examples"]]
+    g = Group(first["keep_ratio"], first["schedule"]["train_examples"], first["eval_split"], ids)
+    for arm in sorted({r["arm"] for r in members}):
+        g.models[arm] = _arm_model(arm, [r for r in members if r["arm"] == arm], ids)
+    for key, ev in baselines.items():
+        if key == "pruned" and not _pruned_matches(ev, first):
+            g.notes.append(f"{ev['source']} is not the pruning these runs started from "
+                           f"(plan {first['plan_sha256'][:12]}); no comparison with it")
+            continue
+        if ev.get("split") != g.split:
+            raise ReportError(f"refusing to compare {ev['source']} and {first['run_dir']}: their eval.split differ "
+                              f"({_short(ev.get('split'))} vs {_short(g.split)})")
+        _check_questions(ref, (ev["source"], ev["examples"]))
+        g.models[key] = _baseline_model(key, ev, first["params_before"])
+        g.models[key].pq = _per_question([ev["examples"]], ids)
+    for m in g.models.values():
+        m.ci = stats.bootstrap(m.pq) if m.pq is not None else None
+        g.n_answered = m.pq.shape[1] if m.pq is not None else 0
+    _compare_all(g)
+    return g
+
+
+def _compare_all(g: Group) -> None:
+    arms = [k for k in ("kl", "ce") if k in g.models]
+    pairs = [("kl", "ce")] if len(arms) == 2 else []
+    pairs += [(a, b) for b in ("pruned", "teacher") if b in g.models for a in arms]
+    for a_key, b_key in pairs:
+        a, b = g.models[a_key], g.models[b_key]
+        if a.pq is None:
+            g.notes.append(f"{a.name} − {b.name}: the {g.split} split has no gold answers; no paired statistics")
+            continue
+        if b.seeds == [None]:
+            g.comparisons.append(_compare(a, b, a.seeds, a.pq, b.pq))
+            continue
+        common = sorted(set(a.seeds) & set(b.seeds))
+        if len(common) < max(len(a.seeds), len(b.seeds)):
+            g.notes.append(f"{a.name} − {b.name}: paired on seeds {_seeds(common) or 'none'} "
+                           f"({a.name} has {_seeds(a.seeds)}, {b.name} has {_seeds(b.seeds)})")
+        if common:
+            g.comparisons.append(_compare(a, b, common, a.pq.seeds([a.seeds.index(s) for s in common]),
+                                          b.pq.seeds([b.seeds.index(s) for s in common])))
+
+
+def _compare(a: Model, b: Model, seeds: list, a_pq: stats.PerQuestion, b_pq: stats.PerQuestion) -> Comparison:
+    return Comparison(a.name, b.name, seeds, stats.bootstrap(a_pq, b_pq), stats.mcnemar_per_pair(a_pq, b_pq))
+
+
+def _seeds(seeds: list) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def mean_sd(model: Model, metric: str) -> tuple[float | None, float | None]:
+    """Mean over seeds and sample sd (ddof 1; None with one seed) of one recorded metric."""
+    vals = [m.get(metric) for m in model.metrics]
+    if any(v is None for v in vals):
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+# ---------------------------------------------------------------- markdown and csv
+
+METHOD = (
+    "Per model: mean ± sd over seeds (sample sd; — with one seed). Δ = first − second on the same questions: "
+    f"paired bootstrap {stats.LEVEL:.0%} CI ({stats.N_BOOT} replicates, generator seed {stats.BOOT_SEED}; questions "
+    "resampled, and seed pairs too when there are several); 'significant at 0.05' means the CI excludes 0. "
+    "KL and CE runs are paired by seed; the pruned model and the teacher (one evaluation each) are paired with "
+    "every seed. McNemar: exact binomial test on the discordant questions, one test per seed pair (not pooled: "
+    "a question repeated across seeds is not an independent observation), shown as b/c (questions only the "
+    "first / only the second gets right) and p.")
+
+
+def _cell(mean: float | None, sd: float | None, baseline: bool) -> str:
+    if mean is None:
         return "—"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
+    return f"{mean:.3f}" if baseline else f"{mean:.3f} ± {'—' if sd is None else f'{sd:.3f}'}"
 
 
-def to_markdown(rows: list[dict], teacher_eval: dict | None, pruned_eval: dict | None = None) -> str:
-    cols = COLUMNS[:-1]
-    out = []
-    for name, ev in (("Unpruned teacher", teacher_eval), ("Pruned, before recovery", pruned_eval)):
-        if ev:
-            t = ev["metrics"]
-            out.append(f"{name}: acc {t['acc']:.3f}, nll {t['nll']:.3f}, ece {t['ece']:.3f}, "
-                       f"entropy {t['entropy']:.3f} ({ev['model']['params']:,} params)")
-    if out:
-        out.append("")
-    out.append("| " + " | ".join(cols) + " |")
-    out.append("|" + "---|" * len(cols))
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            if c.startswith("delta") and v is not None:
-                cells.append(f"{v:+.3f}")
-            elif c == "params_retained":
-                cells.append(f"{v:.1%}")
-            else:
-                cells.append(_fmt(v))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+def _mcnemar_cell(c: Comparison) -> str:
+    return "; ".join(f"seed {s}: {t.b}/{t.c}, p={t.p:.3g}" for s, t in zip(c.seeds, c.mcnemar))
+
+
+def verdict_line(c: Comparison) -> str:
+    """Accuracy first, then NLL and ECE; each names a direction only when its CI excludes 0."""
+    parts = [stats.verdict(c.a, c.b, m, c.intervals[m]) for m in DELTA_METRICS]
+    caveat = " (one seed pair: the CIs cover question sampling only, not training noise)" if len(c.seeds) == 1 else ""
+    return "; ".join(parts) + caveat
+
+
+def group_markdown(g: Group) -> list[str]:
+    out = [f"## keep ratio {g.keep_ratio} · {g.train_examples} training examples · split {g.split} · "
+           f"{len(g.ids)} questions ({g.n_answered} with answers)", "",
+           "| model | seeds | params | acc | NLL | Brier | ECE | entropy |", "|---|---|---|---|---|---|---|---|"]
+    for key, m in g.models.items():
+        base = key in BASELINE_NAMES
+        name = {"pruned": "pruned, before recovery", "teacher": "unpruned teacher"}.get(key, m.name)
+        params = "—" if m.params_retained is None else f"{m.params_retained:.1%}"
+        cells = [_cell(*mean_sd(m, k), base) for k in stats.METRICS]
+        out.append(f"| {name} | {'—' if base else _seeds(m.seeds)} | {params} | " + " | ".join(cells) + " |")
+    if g.comparisons:
+        out += ["", "| comparison | seed pairs | Δacc, pts [95% CI] | ΔNLL [95% CI] | ΔECE [95% CI] | "
+                "McNemar exact, per seed pair |", "|---|---|---|---|---|---|"]
+        for c in g.comparisons:
+            ivs = [stats.format_interval(m, c.intervals[m]).replace(" pts", "") for m in DELTA_METRICS]
+            out.append(f"| {c.a} − {c.b} | {_seeds(c.seeds)} | " + " | ".join(ivs) + f" | {_mcnemar_cell(c)} |")
+        out += ["", "Verdicts:"] + [f"- {verdict_line(c)}" for c in g.comparisons]
+    out += [""] if g.notes and not g.comparisons else []
+    out += [f"- note: {n}" for n in g.notes]
+    return out + [""]
+
+
+def to_markdown(groups: list[Group]) -> str:
+    out = ["# Recovery report", "", METHOD, ""]
+    for g in groups:
+        out += group_markdown(g)
+    return "\n".join(out)
+
+
+def _model_row(key: str, m: Model) -> dict:
+    row = {"row_type": "model", "name": key, "seeds": ";".join("" if s is None else str(s) for s in m.seeds),
+           "params_retained": m.params_retained, "runs": ";".join(m.sources)}
+    for metric in stats.METRICS:
+        row[f"{metric}_mean"], row[f"{metric}_sd"] = mean_sd(m, metric)
+        if m.ci is not None:
+            row[f"{metric}_low"], row[f"{metric}_high"] = m.ci[metric].low, m.ci[metric].high
+    return row
+
+
+def csv_rows(groups: list[Group]) -> list[dict]:
+    """One row per model per group (mean/sd over seeds, bootstrap CI of the model alone), one per comparison
+    (Δ estimate in *_mean, CI in *_low/*_high) and one per comparison and seed pair (McNemar)."""
+    rows = []
+    for g in groups:
+        common = {"keep_ratio": g.keep_ratio, "train_examples": g.train_examples, "split": g.split}
+        for key, m in g.models.items():
+            rows.append({**common, "n_questions": None if m.pq is None else m.pq.shape[1], **_model_row(key, m)})
+        for c in g.comparisons:
+            name = f"{c.a.lower()}-{c.b.lower()}"
+            row = {**common, "row_type": "comparison", "name": name, "seeds": ";".join(map(str, c.seeds)),
+                   "n_questions": g.n_answered}
+            for metric, iv in c.intervals.items():
+                row |= {f"{metric}_mean": iv.estimate, f"{metric}_low": iv.low, f"{metric}_high": iv.high}
+            rows.append(row)
+            rows += [{**common, "row_type": "mcnemar", "name": name, "mcnemar_seed": s, "mcnemar_b": t.b,
+                      "mcnemar_c": t.c, "mcnemar_p": t.p} for s, t in zip(c.seeds, c.mcnemar)]
+    return [{k: r.get(k) for k in COLUMNS} for r in rows]
 
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
 
 
-def _reliability(examples_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = [json.loads(l) for l in examples_path.read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r["gold"] is not None]
-    conf = np.array([max(r["probs"]) for r in rows])
-    correct = np.array([r["pred"] == r["gold"] for r in rows], dtype=float)
+# ---------------------------------------------------------------- plots
+
+STYLE = {"ce": ("C0", "o"), "kl": ("C1", "s"), "pruned": ("C2", "x"), "teacher": ("0.4", "^")}
+LINESTYLES = ("-", "--", ":", "-.")
+BAND = "95% bootstrap CI (questions × seeds)"
+
+
+def _mean_ci(m: Model, metric: str) -> tuple[float, float, float] | None:
+    mean = mean_sd(m, metric)[0]
+    if mean is None or m.ci is None:
+        return None
+    return mean, m.ci[metric].low, m.ci[metric].high
+
+
+def _with_interval(ax, x, mean_lo_hi, fmt: str, color, label: str) -> None:
+    """Points/line at the means and a vertical bar over each interval (drawn as is: a percentile CI of
+    ECE need not contain the point estimate, so no symmetric-error-bar arithmetic)."""
+    y, lo, hi = zip(*mean_lo_hi)
+    ax.plot(x, y, fmt, color=color, label=label)
+    ax.vlines(x, lo, hi, color=color, lw=1.2)
+
+
+def _plot_accuracy(groups: list[Group], plt):
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    sizes = sorted({g.train_examples for g in groups})
+    for key, dx in (("ce", -0.006), ("kl", 0.006)):
+        color, marker = STYLE[key]
+        for i, n in enumerate(sizes):
+            pts = sorted((g.keep_ratio, _mean_ci(g.models[key], "acc")) for g in groups
+                         if g.train_examples == n and key in g.models and _mean_ci(g.models[key], "acc"))
+            if pts:
+                _with_interval(ax, [p[0] + dx for p in pts], [p[1] for p in pts], marker + LINESTYLES[i % 4], color,
+                               f"{ARM_NAMES[key]} ({n} examples)")
+    pruned = sorted({(g.keep_ratio, _mean_ci(g.models["pruned"], "acc")) for g in groups if "pruned" in g.models
+                     and _mean_ci(g.models["pruned"], "acc")})
+    if pruned:
+        _with_interval(ax, [p[0] for p in pruned], [p[1] for p in pruned], "x", STYLE["pruned"][0],
+                       "pruned, before recovery")
+    teacher = next((g.models["teacher"] for g in groups if "teacher" in g.models), None)
+    if teacher is not None and teacher.metrics[0].get("acc") is not None:
+        ax.axhline(teacher.metrics[0]["acc"], color=STYLE["teacher"][0], ls="--", label="unpruned teacher")
+    ax.axhline(1 / len(LABELS), color="lightgray", ls=":", label="chance")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("MLP keep ratio")
+    ax.set_ylabel("CSQA accuracy")
+    ax.set_title(f"Accuracy after recovery (mean over seeds)\nerror bars: {BAND}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def _plot_data_size(groups: list[Group], plt):
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7))
+    ratios = sorted({g.keep_ratio for g in groups}, reverse=True)
+    for ax, metric in zip(axes.ravel(), ("acc", "nll", "ece", "entropy")):
+        for key in ("ce", "kl"):
+            for i, ratio in enumerate(ratios):
+                pts = sorted((g.train_examples, _mean_ci(g.models[key], metric)) for g in groups
+                             if g.keep_ratio == ratio and key in g.models and _mean_ci(g.models[key], metric))
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                label = ARM_NAMES[key] + (f" keep {ratio}" if len(ratios) > 1 else "")
+                _with_interval(ax, x, [p[1] for p in pts], STYLE[key][1] + LINESTYLES[i % 4], STYLE[key][0], label)
+                if len(x) > 1:
+                    ax.fill_between(x, [p[1][1] for p in pts], [p[1][2] for p in pts], color=STYLE[key][0],
+                                    alpha=0.2, lw=0)
+        for key, ls in (("teacher", "--"), ("pruned", ":")):
+            g = next((g for g in groups if key in g.models), None)
+            if g is not None and g.models[key].metrics[0].get(metric) is not None:
+                label = "unpruned teacher" if key == "teacher" else f"pruned to {g.keep_ratio}, before recovery"
+                ax.axhline(g.models[key].metrics[0][metric], color=STYLE[key][0], ls=ls, lw=1, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({g.train_examples for g in groups}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training examples (log scale)")
+        ax.set_ylabel(stats.LABELS[metric])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(f"Recovery against training-set size (mean over seeds; band/bars: {BAND})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return fig
+
+
+def _reliability(pq: stats.PerQuestion) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per ECE bin, pooled over seeds: mean confidence, accuracy, count; and all counts (empty bins 0)."""
+    conf, correct = pq.conf.ravel(), pq.correct.ravel()
     bins = confidence_bins(conf)
-    centers, accs, counts = [], [], []
-    for b in range(ECE_BINS):
-        sel = bins == b
-        if sel.any():
-            centers.append(conf[sel].mean()), accs.append(correct[sel].mean()), counts.append(sel.sum())
-    return np.array(centers), np.array(accs), np.array(counts)
+    counts = np.bincount(bins, minlength=ECE_BINS)
+    used = counts > 0
+    mean_conf = np.bincount(bins, conf, ECE_BINS)[used] / counts[used]
+    acc = np.bincount(bins, correct, ECE_BINS)[used] / counts[used]
+    return mean_conf, acc, counts[used], counts
 
 
-def plot(rows: list[dict], runs: list[dict], teacher_eval: dict | None, out_dir: Path) -> list[Path]:
+def _plot_calibration(groups: list[Group], plt):
+    cols = min(len(groups), 4)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.2 * cols, 6.2 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1] * rows})
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    for i, g in enumerate(groups):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        top.plot([0, 1], [0, 1], color="lightgray", ls="--", lw=1)
+        for key, m in g.models.items():
+            if m.pq is None:
+                continue
+            color = STYLE[key][0]
+            c, a, n, all_counts = _reliability(m.pq)
+            ece = mean_sd(m, "ece")[0]
+            top.plot(c, a, "-", color=color, lw=1,
+                     label=f"{m.name if key in ARM_NAMES else key} (ECE {ece:.3f})" if ece is not None else m.name)
+            top.scatter(c, a, s=600 * n / n.sum() + 6, color=color, alpha=0.6, edgecolors="none")
+            bottom.stairs(all_counts / all_counts.sum(), edges, color=color, lw=1.2)
+        top.set_title(f"keep {g.keep_ratio}, {g.train_examples} examples", fontsize=9)
+        top.set_xlim(0, 1), top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=7, loc="upper left")
+        bottom.set_xlim(0, 1)
+        bottom.set_xlabel("confidence (max probability over A-E)")
+        bottom.set_ylabel("share of answers")
+    for j in range(len(groups), rows * cols):
+        axes[2 * (j // cols), j % cols].axis("off"), axes[2 * (j // cols) + 1, j % cols].axis("off")
+    fig.suptitle(f"Reliability, pooled over seeds ({ECE_BINS} bins; marker area and lower panel: answers per bin)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def plot(groups: list[Group], out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for arm, style in (("ce", "o-"), ("kl", "s-")):
-        sizes = sorted({r["train_examples"] for r in rows if r["arm"] == arm})
-        for n in sizes:
-            pts = sorted((r["keep_ratio"], r["acc"]) for r in rows if r["arm"] == arm and r["train_examples"] == n)
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{arm.upper()} ({n} examples)")
-    if teacher_eval:
-        ax.axhline(teacher_eval["metrics"]["acc"], color="gray", ls="--", label="unpruned teacher")
-    ax.axhline(0.2, color="lightgray", ls=":", label="chance")
-    ax.set_xlim(0, 1.02)
-    ax.set_xlabel("MLP keep ratio")
-    ax.set_ylabel("CSQA accuracy")
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy after recovery")
-    fig.tight_layout()
-    paths.append(_save_fig(fig, out_dir / "accuracy_vs_keep_ratio.png"))
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
-    for r in runs:
-        ex = Path(r["run_dir"]) / "eval" / "examples.jsonl"
-        if ex.is_file():
-            c, a, _ = _reliability(ex)
-            ax.plot(c, a, "o-", ms=3, label=f"{r['arm'].upper()} keep {r['keep_ratio']} (ECE {r['eval']['ece']:.3f})")
-    ax.set_xlabel("confidence (max probability over A-E)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Calibration")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(_save_fig(fig, out_dir / "calibration.png"))
-    plt.close(fig)
+    for name, fn in zip(PLOTS, (_plot_accuracy, _plot_data_size, _plot_calibration)):
+        fig = fn(groups, plt)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no version stamp: stable bytes
+        plt.close(fig)
+        atomic_write_bytes(out_dir / name, buf.getvalue())
+        paths.append(out_dir / name)
     return paths
 
 
-def _save_fig(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _load_eval(path: str | None, field_name: str) -> dict | None:
-    if not path:
-        return None
-    p = Path(path)
-    p = p / "eval.json" if p.is_dir() else p
-    if not p.is_file():
-        raise ReportError(f"config field '{field_name}': no such file '{p}'")
-    return json.loads(p.read_text())
-
+# ---------------------------------------------------------------- entry point
 
 def make_report(run_dirs: list[str], out_dir: str | Path, teacher_eval_path: str | None = None,
                 pruned_eval_path: str | None = None) -> tuple[str, list[dict]]:
+    """Write report.md, report.csv and the PLOTS under out_dir; returns (markdown, csv rows)."""
     if not run_dirs:
         raise ReportError("no runs given: distill-dist report RUN_DIR [RUN_DIR ...]")
     runs = [load_run(d) for d in run_dirs]
-    check_comparable(runs)
-    teacher_eval = _load_eval(teacher_eval_path, "report.teacher_eval")
-    pruned_eval = _load_eval(pruned_eval_path, "report.pruned_eval")
-    rows = build_rows(runs, teacher_eval)
+    baselines = {k: ev for k, ev in (("pruned", _load_baseline(pruned_eval_path, "report.pruned_eval")),
+                                     ("teacher", _load_baseline(teacher_eval_path, "report.teacher_eval"))) if ev}
+    by_key: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by_key.setdefault((-r["keep_ratio"], r["schedule"]["train_examples"]), []).append(r)
+    groups = [build_group(sorted(by_key[k], key=lambda r: r["run_dir"]), baselines) for k in sorted(by_key)]
     out_dir = Path(out_dir)
-    md = to_markdown(rows, teacher_eval, pruned_eval)
+    md = to_markdown(groups)
+    rows = csv_rows(groups)
     atomic_write_text(out_dir / "report.md", md)
     atomic_write_text(out_dir / "report.csv", to_csv(rows))
-    plot(rows, runs, teacher_eval, out_dir)
+    plot(groups, out_dir)
     return md, rows

@@ -1,0 +1,126 @@
+"""Checkpoints and resume: sharded DeepSpeed state + each rank's RNG, committed only when complete.
+
+A checkpoint is `step_NNNNNNN/` under the run's `checkpoints/`: DeepSpeed's sharded engine state, one
+`rng_rankN.pt` per rank, then a `COMPLETE` marker (with the world size) written by rank 0 after every
+rank has finished, and only then does `latest_complete` move to it. A kill at any moment leaves the
+previous complete checkpoint as the one a re-run resumes from. The data position is the step number, so
+a resumed run continues the uninterrupted loss curve exactly.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runtime
+from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_json, atomic_write_text
+
+LATEST_FILE = "latest_complete"
+COMPLETE_FILE = "COMPLETE"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save(engine, root: Path, step: int, keep: int) -> None:
+    """Collective: every rank writes its shards and RNG; rank 0 commits and prunes old checkpoints."""
+    rt = runtime.get()
+    tag = f"step_{step:07d}"
+    tag_dir = root / tag
+    if rt.is_main and tag_dir.exists():
+        shutil.rmtree(tag_dir)
+    runtime.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rt.rank}.pt.tmp")
+    (tag_dir / f"rng_rank{rt.rank}.pt.tmp").replace(tag_dir / f"rng_rank{rt.rank}.pt")
+    runtime.barrier()
+    if rt.is_main:
+        atomic_write_json(tag_dir / COMPLETE_FILE, {"step": step, "world_size": rt.world_size})
+        atomic_write_text(root / LATEST_FILE, tag + "\n")
+        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for old in tags[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    runtime.barrier()
+
+
+def latest(root: Path) -> tuple[Path, dict] | None:
+    """The last complete checkpoint and its COMPLETE record, or None."""
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    tag_dir = root / pointer.read_text().strip()
+    marker = tag_dir / COMPLETE_FILE
+    if not marker.is_file():
+        raise CheckpointError(f"{pointer} names {tag_dir.name}, which has no {COMPLETE_FILE} marker (corrupt checkpoint dir)")
+    text = marker.read_text().strip()
+    info = json.loads(text) if text.startswith("{") else {"step": int(text), "world_size": None}
+    return tag_dir, info
+
+
+def check_resumable(root: Path) -> int:
+    """Rank-symmetric: the step to resume from (0 = fresh), or one error on every rank."""
+    rt = runtime.get()
+
+    def check() -> int:
+        found = latest(root)
+        if found is None:
+            return 0
+        tag_dir, info = found
+        if info["world_size"] not in (None, rt.world_size):
+            raise ConfigError(f"{tag_dir} was written by {info['world_size']} ranks and this job has {rt.world_size}: "
+                              f"resume with {info['world_size']} ranks (or start a new train.output_dir)")
+        if not (tag_dir / f"rng_rank{rt.rank}.pt").is_file():
+            raise CheckpointError(f"{tag_dir}: no rng_rank{rt.rank}.pt; resume with the number of ranks that wrote it")
+        return info["step"]
+
+    return runtime.agree(check)
+
+
+def resume(engine, root: Path) -> int:
+    """Load the last complete checkpoint into `engine` and this rank's RNG; returns its step (0 = none)."""
+    step = check_resumable(root)
+    if step == 0:
+        return 0
+    tag_dir, _ = latest(root)
+    path, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    set_rng_state(torch.load(tag_dir / f"rng_rank{runtime.get().rank}.pt", weights_only=False))
+    if runtime.get().is_main:
+        print(f"resuming from {tag_dir} (step {client['step']})")
+    return client["step"]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl, tolerating a torn last line (a kill during an append): the checkpoint is the truth."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # only ever the last, partial line
+    return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, keep metric lines up to the checkpoint's step so the curve continues without duplicates."""
+    if path.is_file():
+        kept = [m for m in read_metrics(path) if m["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))

@@ -1,0 +1,230 @@
+"""The two DeepSpeed ZeRO-3 engines (trainable student, frozen teacher), the modules they wrap, export.
+
+Why `deepspeed.initialize` directly and not accelerate's DeepSpeed plugins: the recipe needs two engines
+of different kinds (a training engine and an inference engine with no optimizer), both created under
+`HfDeepSpeedConfig` so `from_pretrained` partitions each parameter as it is read and no rank ever holds
+a whole model, and it needs DeepSpeed's own tagged sharded checkpoints for exact resume. accelerate's
+multi-plugin path would wrap the same calls behind an `Accelerator` that then owns backward, gradient
+accumulation and checkpoint layout; accelerate does the process layer instead (runtime.py).
+
+Collective safety under ZeRO-3: the student's LM head is used by `LossHead` (registered as an external
+parameter of it), so the head is gathered exactly once per micro-step in forward and once in backward on
+every rank, however many positions a rank supervises; the fused loss walks its chunks on the gathered
+weight and never calls the head module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import hjson
+import torch
+
+from . import runtime
+from .config import RunConfig
+from .errors import ConfigError
+from .fileio import atomic_write_json, replace_dir
+from .losses import LossSpec, fused_linear_loss
+from .models import DTYPES
+from .prune import PLAN_FILE, ShardWriter
+
+EXPORT_FLAG = "stage3_gather_16bit_weights_on_model_save"
+
+
+# ---------------------------------------------------------------- modules the engines wrap
+
+class LossHead(torch.nn.Module):
+    """The recovery loss through the LM head: one call per micro-step (see the module docstring)."""
+
+    def __init__(self, lm_head: torch.nn.Linear, spec: LossSpec, chunk_size: int):
+        super().__init__()
+        self.spec, self.chunk_size = spec, chunk_size
+        self._head = (lm_head,)  # not a submodule: its weight is this module's external parameter
+        if hasattr(lm_head.weight, "ds_id"):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, lm_head.weight)
+
+    def forward(self, hidden, labels=None, teacher=None):
+        return fused_linear_loss(hidden, self._head[0].weight, self.spec, labels=labels, teacher=teacher,
+                                 chunk_size=self.chunk_size)
+
+
+class StudentWithLoss(torch.nn.Module):
+    """Forward = recovery loss, so the engine's forward/backward cover the whole step."""
+
+    def __init__(self, lm, spec: LossSpec, chunk_size: int):
+        super().__init__()
+        self.lm = lm
+        self.loss_head = LossHead(lm.lm_head, spec, chunk_size)
+
+    def forward(self, input_ids, attention_mask, rows, cols, labels=None, teacher=None):
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.loss_head(hidden[rows, cols], labels=labels, teacher=teacher)
+
+
+class TeacherHidden(torch.nn.Module):
+    """The teacher's final hidden states at the supervised positions (its head is applied per loss chunk)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, rows, cols, **_):
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state[rows, cols]
+
+
+# ---------------------------------------------------------------- DeepSpeed configs
+
+def ds_config(path: str, cfg: RunConfig, training: bool) -> dict:
+    """A DeepSpeed JSON (comments allowed) with its "auto" values filled from the run config."""
+    field = "train.ds_config" if training else "train.teacher_ds_config"
+    repo_default = Path(__file__).resolve().parents[2] / path  # the repo's ds_configs/, from any cwd
+    if not Path(path).is_file() and not Path(path).is_absolute() and repo_default.is_file():
+        path = str(repo_default)
+    if not Path(path).is_file():
+        raise ConfigError(f"config field '{field}': no such file '{path}'")
+    ds = json.loads(json.dumps(hjson.load(open(path))))
+    tr = cfg.train
+    auto = {"train_micro_batch_size_per_gpu": tr.micro_batch_size, "gradient_accumulation_steps": tr.grad_accum,
+            "gradient_clipping": tr.grad_clip}
+    for key, value in auto.items():
+        if ds.get(key) == "auto":
+            ds[key] = value
+    if ds.get("bf16", {}).get("enabled") == "auto":
+        ds["bf16"]["enabled"] = cfg.model.dtype == "bfloat16"
+    for dotted, value in tr.ds_overrides.items():
+        node = ds
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{path}: no run-config value fills 'auto' at {', '.join(leftover)}")
+    if training and not ds.get("zero_optimization", {}).get(EXPORT_FLAG, False):
+        raise ConfigError(f"{path}: zero_optimization.{EXPORT_FLAG} is false, so the recovered student cannot be "
+                          "consolidated and exported; set it to true")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _load_sharded(model_dir: str, ds: dict, dtype: torch.dtype):
+    """from_pretrained under HfDeepSpeedConfig: every parameter is partitioned as it is read."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841 (from_pretrained reads it through a weak ref)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    finally:
+        unset_hf_deepspeed_config()
+
+
+# ---------------------------------------------------------------- engines
+
+def student_engine(student_dir: str, cfg: RunConfig, spec: LossSpec):
+    """ZeRO-3 training engine of the student with torch AdamW and warmup + cosine-to-min-lr (transformers')."""
+    import deepspeed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    tr = cfg.train
+    ds = ds_config(tr.ds_config, cfg, training=True)
+    lm = _load_sharded(student_dir, ds, DTYPES[cfg.model.dtype])
+    if tr.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = StudentWithLoss(lm, spec, tr.chunk_size).train()
+    optimizer = torch.optim.AdamW(_param_groups(student, tr.weight_decay), lr=tr.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=runtime.get().device.type == "cuda")
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, tr.warmup_steps, tr.max_steps,
+                                                            min_lr_rate=tr.min_lr_ratio)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = lambda n: n.endswith(("norm.weight", "bias"))  # noqa: E731
+    return [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+
+
+def teacher_engine(teacher_dir: str, cfg: RunConfig):
+    """ZeRO-3 inference engine of the frozen teacher: no optimizer, no grads; returns hidden states."""
+    import deepspeed
+
+    ds = ds_config(cfg.train.teacher_ds_config, cfg, training=False)
+    lm = _load_sharded(teacher_dir, ds, DTYPES[cfg.model.dtype]).eval().requires_grad_(False)
+    engine = deepspeed.initialize(model=TeacherHidden(lm), config=ds)[0]
+    engine.eval()
+    return engine
+
+
+def teacher_head_weight(engine) -> torch.nn.Parameter:
+    return engine.module.lm.lm_head.weight
+
+
+# ---------------------------------------------------------------- export
+
+def export_student(engine, tok, student_dir: str, out: Path, max_shard_mb: int) -> None:
+    """Consolidate the sharded student into a standard HF checkpoint, parameter by parameter (DeepSpeed's
+    public GatheredParameters; rank 0 streams each into safetensors shards), written atomically."""
+    import deepspeed
+
+    rt = runtime.get()
+    lm = engine.module.lm
+    params = list(lm.named_parameters())
+    shape = lambda p: list(getattr(p, "ds_shape", p.shape))  # noqa: E731
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    writer = None
+    if rt.is_main:
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # an export killed half way
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+        writer = ShardWriter(tmp, [(n, p.dtype, shape(p)) for n, p in params], max_shard_mb * 2**20)
+    for name, p in params:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):  # collective: every rank, same order
+            if writer is not None:
+                writer.write(name, p.detach().cpu())
+    if rt.is_main:
+        writer.finish()
+        lm.config.save_pretrained(tmp)
+        if getattr(lm, "generation_config", None) is not None:
+            lm.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.copy2(Path(student_dir) / PLAN_FILE, tmp / PLAN_FILE)
+        replace_dir(tmp, out)
+    runtime.barrier()
+
+
+def write_sharding_report(run_dir: Path, student_engine_, teacher_engine_) -> None:
+    """Per rank: how much of each parameter this rank holds (ZeRO-3 shards), and whether the teacher has
+    an optimizer. A user checking memory layout, and the tests, read it."""
+    def layout(module):
+        return {n: [p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel(), getattr(p, "ds_numel", p.numel())]
+                for n, p in module.named_parameters()}
+
+    rt = runtime.get()
+    report = {"rank": rt.rank, "world_size": rt.world_size, "student": layout(student_engine_.module),
+              "student_has_optimizer": student_engine_.optimizer is not None}
+    if teacher_engine_ is not None:
+        t = teacher_engine_.module
+        # Without an optimizer DeepSpeed puts only its parameter-partitioning manager (DeepSpeedZeRoOffload,
+        # no optimizer state) where the optimizer would be.
+        opt = getattr(teacher_engine_, "optimizer", None)
+        report.update(teacher=layout(t), teacher_optimizer=type(opt).__name__ if opt is not None else None,
+                      teacher_has_optimizer=opt is not None and type(opt).__name__ != "DeepSpeedZeRoOffload",
+                      teacher_requires_grad=any(p.requires_grad for p in t.parameters()))
+    atomic_write_json(run_dir / "sharding" / f"rank{rt.rank}.json", report)

@@ -1,0 +1,421 @@
+"""A costed plan for a run, computed from the model's config.json and the run config (never typed by hand).
+
+Parameters of teacher and student, FLOPs per training token, tokens per epoch of CSQA train, per-GPU memory
+under ZeRO-3, ZeRO-3 traffic per step and the GPU-hours of `slurm/reproduce.sh`'s sweep:
+
+    python -m distill_dist.plan -c configs/olmo2_7b_csqa.yaml [key=value ...] [--gpus 8] [--mfu 0.35]
+
+Every figure is a formula of stated inputs (`assumptions` in the result); the formulas are in the docstrings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, load_config
+from .errors import ConfigError, UserError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GB = 1e9
+# Measured with the OLMo2 tokenizer on CSQA train (9741 rows, lm-eval prompt, no BOS): mean 42.73 tokens,
+# max 97. Used only when the data or the tokenizer is not at hand (the result says which was used).
+ASSUMED_PROMPT_TOKENS, ASSUMED_MAX_TOKENS, CSQA_TRAIN_ROWS, CSQA_VALIDATION_ROWS = 42.73, 97, 9741, 1221
+SWEEP_DEFAULTS = {"KEEP_RATIOS": "0.7 0.5 0.3", "DATA_SIZES": "1000 4000 9741", "SEEDS": "0"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a decoder with a gated MLP (OLMo2, Llama): all that parameter and FLOP counts need."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    head_dim: int | None = None
+    qk_norm: bool = False  # OLMo2 normalises q (heads*head_dim) and k (kv_heads*head_dim)
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelShape":
+        """From a config.json dict or a transformers PretrainedConfig."""
+        d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        try:
+            return cls(hidden=d["hidden_size"], intermediate=d["intermediate_size"], layers=d["num_hidden_layers"],
+                       heads=d["num_attention_heads"], kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                       vocab=d["vocab_size"], tied=bool(d.get("tie_word_embeddings", False)), head_dim=d.get("head_dim"),
+                       qk_norm=d.get("model_type") == "olmo2", attention_bias=bool(d.get("attention_bias", False)),
+                       mlp_bias=bool(d.get("mlp_bias", False)))
+        except KeyError as e:
+            raise ConfigError(f"model config: missing field {e.args[0]!r} (expected a decoder config.json)") from None
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def layer_matmul_params(self) -> int:
+        """q, k, v, o and gate, up, down: the weights every token multiplies through, per layer."""
+        q, kv = self.heads * self.hd, self.kv_heads * self.hd
+        return 2 * self.hidden * q + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate
+
+    def layer_params(self) -> int:
+        q, kv = self.heads * self.hd, self.kv_heads * self.hd
+        extra = 2 * self.hidden + (q + kv if self.qk_norm else 0)  # two RMSNorms per layer (+ q/k norms)
+        extra += (q + 2 * kv + self.hidden) if self.attention_bias else 0
+        extra += (2 * self.intermediate + self.hidden) if self.mlp_bias else 0
+        return self.layer_matmul_params() + extra
+
+    def params(self) -> int:
+        vocab_mats = self.vocab * self.hidden * (1 if self.tied else 2)
+        return vocab_mats + self.layers * self.layer_params() + self.hidden  # + the final norm
+
+    def body_matmul_params(self) -> int:
+        return self.layers * self.layer_matmul_params()
+
+    def largest_module(self) -> int:
+        """Parameters of the largest single module (what ZeRO-3 gathers at once; DeepSpeed's 'largest layer')."""
+        return max(self.vocab * self.hidden, self.intermediate * self.hidden, self.heads * self.hd * self.hidden)
+
+
+OLMO2_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=100352, qk_norm=True)
+
+
+def student_shape(teacher: ModelShape, keep_ratio: float, round_to: int) -> ModelShape:
+    from .prune import keep_count
+
+    return replace(teacher, intermediate=keep_count(teacher.intermediate, keep_ratio, round_to))
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def forward_flops(m: ModelShape, length: float, supervised: float) -> float:
+    """One sequence forward: 2 FLOPs per matmul weight per token, attention 4*L^2*heads*head_dim per layer
+    (QK^T and AV, causal half not discounted: the PaLM convention), LM head only at supervised positions."""
+    attn = 4 * m.layers * length * length * m.heads * m.hd
+    return 2 * length * m.body_matmul_params() + attn + 2 * supervised * m.vocab * m.hidden
+
+
+def train_flops(m: ModelShape, length: float, supervised: float, checkpointing: bool = False) -> float:
+    """Forward + backward (2x forward); activation checkpointing recomputes one more forward."""
+    return (4 if checkpointing else 3) * forward_flops(m, length, supervised)
+
+
+# ---------------------------------------------------------------- tokens
+
+def measure_lengths(cfg: RunConfig, tokenizer, micro_batch: int) -> dict:
+    """Token counts of the full CSQA train split as the recipe builds it (per arm), and the padded length
+    of seeded random micro-batches (right padding to the longest row of each micro-batch)."""
+    from .data import build_train_examples, load_split
+
+    ds = load_split(replace(cfg.data, train_examples=None), "train")
+    out = {}
+    for arm in ("ce", "kl"):
+        rows = build_train_examples(tokenizer, ds, arm, cfg.train.positions, cfg.data.max_length, cfg.data.add_bos)
+        lengths = [len(r["input_ids"]) for r in rows]
+        order = lengths[:]
+        random.Random(cfg.data.seed).shuffle(order)
+        batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+        out[arm] = {"rows": len(rows), "mean_tokens": sum(lengths) / len(rows), "max_tokens": max(lengths),
+                    "mean_padded_tokens": sum(len(b) * max(b) for b in batches) / len(rows),
+                    "mean_supervised": sum(len(r["positions"]) for r in rows) / len(rows)}
+    out["source"] = f"measured: {cfg.data.path} tokenised"
+    return out
+
+
+def assumed_lengths(cfg: RunConfig) -> dict:
+    L = min(ASSUMED_PROMPT_TOKENS, cfg.data.max_length)
+    sup = L if cfg.train.positions == "all" else 1.0
+    row = {"rows": CSQA_TRAIN_ROWS, "mean_tokens": L, "max_tokens": min(ASSUMED_MAX_TOKENS, cfg.data.max_length),
+           "mean_padded_tokens": L, "mean_supervised": sup}
+    return {"ce": row, "kl": dict(row), "source": f"assumed: mean prompt {ASSUMED_PROMPT_TOKENS} tokens (OLMo2 "
+            "tokenizer on CSQA train, measured once), padding not counted"}
+
+
+# ---------------------------------------------------------------- memory and traffic (bytes, per GPU)
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the GPU-hour and step-time figures assume; every field is printed with the plan."""
+
+    gpus_per_node: int = 8
+    nodes: int = 1
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    mfu: float = 0.35  # the project's goal, not a measurement
+    bus_gbs: float = 350.0  # per-GPU collective bandwidth, GB/s (NCCL all-gather bus bandwidth, 8xH100 NVLink)
+    fused_adam: bool = True  # torch fused AdamW on GPU; unfused (CPU) makes one more fp32 temporary at the step
+    prefetch_params: float = 5e7  # stage3_prefetch_bucket_size in ds_configs/student_zero3.json
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+def model_states(n_params: int, world: int, p: int, fused_adam: bool = True) -> dict:
+    """ZeRO-3 student states per rank: a p-byte parameter and gradient partition (DeepSpeed accumulates
+    gradients in the model dtype), an fp32 master copy (none when p = 4: the fp32 partition is the master),
+    Adam m and v in fp32 -- 16 B/param/world for bf16 and fp32 alike. At the optimizer step DeepSpeed copies
+    the gradient partition to fp32 (+4 B; one sub-group of <= 1e9 params at a time), and unfused AdamW
+    makes a 4-byte denominator (+4 B)."""
+    steady = (2 * p + (0 if p == 4 else 4) + 8) * n_params / world
+    step = (4 + (0 if fused_adam else 4)) * min(n_params / world, 1e9)
+    return {"steady": steady, "peak": steady + step}
+
+
+def activation_bytes(m: ModelShape, tokens: int, positions: int, p: int, chunk: int, checkpointing: bool) -> dict:
+    """Saved for backward (fused/flash attention: no L x L scores), derived for OLMo2's layer, per token:
+    p * (4H + c(Hq + Hkv) + 4I) with c = 3 with q/k norms (else 2) -- layer input, q/k before and after
+    their norms, v, attention output, o-proj output, MLP input, gate, up, silu(gate), their product,
+    down-proj output -- plus each RMSNorm's fp32 upcast (4 B when p < 4) and normalised output (p B).
+    With activation checkpointing only each layer's input (p*H) stays, plus one layer while recomputed.
+    The loss materialises fp32 logits, their softmax and gradient for one chunk of positions (12*V B each)."""
+    hq, hkv = m.heads * m.hd, m.kv_heads * m.hd
+    c = 3 if m.qk_norm else 2
+    norm_width = 2 * m.hidden + ((hq + hkv) if m.qk_norm else 0)
+    per_layer_token = p * (4 * m.hidden + c * (hq + hkv) + 4 * m.intermediate) + (p + (4 if p < 4 else 0)) * norm_width
+    layers = (m.layers * p * m.hidden + per_layer_token) if checkpointing else m.layers * per_layer_token
+    return {"layers": tokens * layers, "loss_chunk": min(positions, chunk) * m.vocab * 12}
+
+
+def zero3_traffic(n_student: int, n_teacher: int, world: int, p: int, grad_accum: int, live: bool) -> dict:
+    """Bytes each GPU sends (= receives) per optimizer step with ring collectives: every micro-step the
+    student's parameters are all-gathered in forward and again in backward and its gradients
+    reduce-scattered, each (w-1)/w * N * p; a live teacher adds one all-gather of its parameters."""
+    f = (world - 1) / world
+    student = 3 * f * n_student * p * grad_accum
+    teacher = f * n_teacher * p * grad_accum if live else 0.0
+    return {"student": student, "teacher": teacher, "total": student + teacher}
+
+
+def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, p: int) -> dict:
+    """Peak bytes per GPU of one recovery arm, by part; `total_live` adds the live teacher's shard."""
+    tr = cfg.train
+    ckpt = tr.gradient_checkpointing
+    max_tokens = lengths["kl"]["max_tokens"]
+    positions = tr.micro_batch_size * (max_tokens if tr.positions == "all" else 1)
+    act = activation_bytes(s, tr.micro_batch_size * max_tokens, positions, p, tr.chunk_size, ckpt)
+    states = model_states(s.params(), hw.world, p, hw.fused_adam)
+    parts = {
+        "model_states": states["peak"],
+        "model_states_steady": states["steady"],
+        "gathered": p * (2 * s.largest_module() + hw.prefetch_params),  # param + its full grad, + prefetch
+        "activations": act["layers"],
+        "loss_chunk": act["loss_chunk"],
+        "teacher_shard": p * t.params() / hw.world,
+        "teacher_gathered": p * (t.largest_module() + hw.prefetch_params),
+    }
+    base = parts["model_states"] + parts["gathered"] + parts["activations"] + parts["loss_chunk"]
+    parts["total_cache"] = base
+    parts["total_live"] = base + parts["teacher_shard"] + parts["teacher_gathered"]
+    return parts
+
+
+def step_seconds(s: ModelShape, t: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, live: bool) -> dict:
+    """One optimizer step per GPU: compute at the assumed MFU, and the ZeRO-3 traffic at the assumed bandwidth
+    (a lower bound on the step when it is not hidden behind compute)."""
+    tr, p = cfg.train, DTYPE_BYTES[cfg.model.dtype]
+    L, S = lengths["kl"]["mean_padded_tokens"], lengths["kl"]["mean_supervised"]
+    seqs = tr.micro_batch_size * tr.grad_accum
+    flops = seqs * (train_flops(s, L, S, tr.gradient_checkpointing)
+                    + (forward_flops(t, L, S) if live else 0.0))
+    traffic = zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, live)["total"]
+    return {"compute_s": flops / (hw.mfu * hw.peak_tflops * 1e12), "comm_s": traffic / (hw.bus_gbs * GB)}
+
+
+# ---------------------------------------------------------------- the sweep
+
+def sweep_from_script(path: str | Path = "slurm/reproduce.sh") -> dict:
+    """KEEP_RATIOS, DATA_SIZES and SEEDS as `NAME=${NAME:-default}` in the script (SWEEP_DEFAULTS when a name
+    is not there, e.g. SEEDS: the script runs one seed, the config's)."""
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    out = {}
+    for name, default in SWEEP_DEFAULTS.items():
+        m = re.search(rf"^{name}=\$\{{{name}:-([^}}]*)\}}", text, re.M)
+        out[name] = (m.group(1) if m else default).split()
+    return {"keep_ratios": [float(x) for x in out["KEEP_RATIOS"]], "data_sizes": [int(x) for x in out["DATA_SIZES"]],
+            "seeds": [int(x) for x in out["SEEDS"]], "source": str(path) if text else "built-in defaults"}
+
+
+def sweep_cost(t: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, sweep: dict) -> dict:
+    """FLOPs and GPU-hours of every arm of the sweep, with a live teacher and with the cached one.
+
+    An arm runs train.max_steps optimizer steps of micro_batch * world * grad_accum sequences at the mean
+    padded length; live KL adds a teacher forward per sequence; the cache is one teacher forward over the
+    whole train split, shared by every KL arm; evaluation (teacher + every arm) is bounded by 5 forwards
+    of prompt + answer per validation question with the LM head at every position. Pruning is I/O only.
+    `gpu_hours_comm_bound`: the arms again with each step taking max(compute, ZeRO-3 traffic time).
+    """
+    tr = cfg.train
+    ckpt = tr.gradient_checkpointing
+    seqs = tr.max_steps * tr.micro_batch_size * hw.world * tr.grad_accum
+    L = {arm: lengths[arm]["mean_padded_tokens"] for arm in ("ce", "kl")}
+    S = {arm: lengths[arm]["mean_supervised"] for arm in ("ce", "kl")}
+    teacher_fwd = forward_flops(t, L["kl"], S["kl"])
+    student, live_teacher, runs = 0.0, 0.0, 0
+    bound = {"live": 0.0, "cache": 0.0}  # GPU-seconds of the arms when traffic is not hidden
+    per_ratio = len(sweep["data_sizes"]) * len(sweep["seeds"])
+    for r in sweep["keep_ratios"]:
+        s = student_shape(t, r, cfg.prune.round_to)
+        student += per_ratio * seqs * (train_flops(s, L["ce"], S["ce"], ckpt) + train_flops(s, L["kl"], S["kl"], ckpt))
+        live_teacher += per_ratio * seqs * teacher_fwd
+        runs += 2 * per_ratio
+        ce_step = max(step_seconds(s, t, cfg, lengths, hw, False).values())
+        for src in bound:
+            kl_step = max(step_seconds(s, t, cfg, lengths, hw, src == "live").values())
+            bound[src] += per_ratio * tr.max_steps * hw.world * (ce_step + kl_step)
+    L_eval = lengths["kl"]["mean_tokens"] + 1
+    evals = (runs + 1) * CSQA_VALIDATION_ROWS * 5 * forward_flops(t, L_eval, L_eval)
+    cache = lengths["kl"]["rows"] * teacher_fwd
+    flops = {"students": student, "teacher_live": live_teacher, "teacher_cache": cache, "evals": evals,
+             "total_live": student + live_teacher + evals, "total_cache": student + cache + evals}
+    hours = {k: v / (hw.mfu * hw.peak_tflops * 1e12) / 3600 for k, v in flops.items()}
+    other = {"live": hours["evals"], "cache": hours["evals"] + hours["teacher_cache"]}
+    comm_bound = {f"total_{src}": bound[src] / 3600 + other[src] for src in bound}
+    return {"runs": runs, "sequences_per_run": seqs, "flops": flops, "gpu_hours": hours,
+            "gpu_hours_comm_bound": comm_bound}
+
+
+# ---------------------------------------------------------------- the plan
+
+def costed_plan(cfg: RunConfig, model_config: dict | None = None, tokenizer=None, hw: Hardware = Hardware(),
+                sweep: dict | None = None) -> dict:
+    """Everything above for one run config. model_config: config.json of the teacher (default: model.path's,
+    else the built-in OLMo2-7B shape, recorded as such); tokenizer: to measure CSQA's lengths (else assumed)."""
+    model_source = "given"
+    if model_config is None:
+        path = Path(cfg.model.path or "") / "config.json"
+        model_config = json.loads(path.read_text()) if path.is_file() else None
+        model_source = str(path) if model_config is not None else "built-in OLMo2-7B shape (no model.path/config.json)"
+    t = ModelShape.from_config(model_config) if model_config is not None else OLMO2_7B
+    s = student_shape(t, cfg.prune.keep_ratio, cfg.prune.round_to)
+    tr = cfg.train
+    lengths = measure_lengths(cfg, tokenizer, tr.micro_batch_size) if tokenizer is not None else assumed_lengths(cfg)
+    p = DTYPE_BYTES[cfg.model.dtype]
+    sweep = sweep or sweep_from_script()
+    L, S = lengths["kl"]["mean_padded_tokens"], lengths["kl"]["mean_supervised"]
+    ckpt = tr.gradient_checkpointing
+    flops_token = {"student_train": train_flops(s, L, S, ckpt) / L, "teacher_forward": forward_flops(t, L, S) / L}
+    traffic = {src: zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, src == "live")
+               for src in ("live", "cache")}
+    step_time = {src: step_seconds(s, t, cfg, lengths, hw, src == "live") for src in ("live", "cache")}
+    return {
+        "teacher": {**asdict(t), "params": t.params(), "source": model_source},
+        "student": {**asdict(s), "params": s.params(), "keep_ratio": cfg.prune.keep_ratio,
+                    "round_to": cfg.prune.round_to},
+        "flops_per_token": flops_token,
+        "tokens": lengths,
+        "tokens_per_epoch": {arm: lengths[arm]["rows"] * lengths[arm]["mean_tokens"] for arm in ("ce", "kl")},
+        "memory_per_gpu": per_gpu_memory(t, s, cfg, lengths, hw, p),
+        "zero3_bytes_per_step": traffic,
+        "step_time": step_time,
+        "sweep": {**sweep, **sweep_cost(t, cfg, lengths, hw, sweep)},
+        "assumptions": {**asdict(hw), "world": hw.world, "dtype": cfg.model.dtype, "micro_batch": tr.micro_batch_size,
+                        "grad_accum": tr.grad_accum, "max_steps": tr.max_steps, "positions": tr.positions,
+                        "max_length": cfg.data.max_length, "activation_checkpointing": ckpt},
+    }
+
+
+# ---------------------------------------------------------------- rendering and CLI
+
+def _g(b: float) -> str:
+    return f"{b / GB:.2f} GB"
+
+
+def render_markdown(plan: dict) -> str:
+    """The plan as the README's cluster-section tables, with every assumption stated under them."""
+    t, s, a, m = plan["teacher"], plan["student"], plan["assumptions"], plan["memory_per_gpu"]
+    f, sw, tok = plan["flops_per_token"], plan["sweep"], plan["tokens"]
+    lines = [
+        "| quantity | value |", "|---|---|",
+        f"| teacher parameters | {t['params'] / 1e9:.3f} B |",
+        f"| student parameters (keep {s['keep_ratio']}, intermediate {s['intermediate']}) | {s['params'] / 1e9:.3f} B |",
+        f"| FLOPs per token, student forward+backward | {f['student_train'] / 1e9:.2f} GFLOP |",
+        f"| FLOPs per token, teacher forward (live KL) | {f['teacher_forward'] / 1e9:.2f} GFLOP |",
+        f"| CSQA train tokens per epoch ({tok['kl']['rows']} rows, mean {tok['kl']['mean_tokens']:.1f}, "
+        f"padded {tok['kl']['mean_padded_tokens']:.1f} at micro-batch {a['micro_batch']}) | "
+        f"{plan['tokens_per_epoch']['kl'] / 1e6:.3f} M |",
+        f"| per GPU: model states (peak at the optimizer step; steady {_g(m['model_states_steady'])}) | "
+        f"{_g(m['model_states'])} |",
+        f"| per GPU: gathered largest layer (param + grad) + prefetch bucket | {_g(m['gathered'])} |",
+        f"| per GPU: activations (micro-batch {a['micro_batch']} x {tok['kl']['max_tokens']} tokens) + loss chunk | "
+        f"{_g(m['activations'])} + {_g(m['loss_chunk'])} |",
+        f"| per GPU: live teacher shard + gathered layer | {_g(m['teacher_shard'])} + {_g(m['teacher_gathered'])} |",
+        f"| per GPU total: cached / live teacher | {_g(m['total_cache'])} / {_g(m['total_live'])} |",
+    ]
+    for src in ("cache", "live"):
+        tr, st = plan["zero3_bytes_per_step"][src], plan["step_time"][src]
+        lines.append(f"| ZeRO-3 traffic per step per GPU, {src} teacher (compute {st['compute_s'] * 1e3:.0f} ms vs "
+                     f"comm {st['comm_s'] * 1e3:.0f} ms) | {_g(tr['total'])} |")
+    h = sw["gpu_hours"]
+    lines += [
+        f"| sweep: {sw['runs']} arms (keep {sw['keep_ratios']} x sizes {sw['data_sizes']} x seeds {sw['seeds']} x "
+        f"CE/KL), {sw['sequences_per_run']} sequences each | |",
+        f"| GPU-hours, live teacher | {h['total_live']:.2f} |",
+        f"| GPU-hours, cached teacher (cache itself {h['teacher_cache']:.2f}) | {h['total_cache']:.2f} |",
+        f"| GPU-hours if ZeRO-3 traffic is not hidden (step = max(compute, traffic)): live / cached | "
+        f"{sw['gpu_hours_comm_bound']['total_live']:.2f} / {sw['gpu_hours_comm_bound']['total_cache']:.2f} |",
+        "",
+        f"Assumptions: {a['world']} GPUs ({a['nodes']} node(s) x {a['gpus_per_node']}), {a['dtype']}, peak "
+        f"{a['peak_tflops']:.0f} TFLOP/s at MFU {a['mfu']:.0%}, collective bandwidth {a['bus_gbs']:.0f} GB/s per GPU; "
+        f"micro-batch {a['micro_batch']}, grad-accum {a['grad_accum']}, {a['max_steps']} steps per arm (the data size "
+        f"changes epochs, not cost), positions={a['positions']}, activation checkpointing "
+        f"{'on' if a['activation_checkpointing'] else 'off'}. Model: {t['source']}. Lengths: {tok['source']}. "
+        f"Sweep: {sw['source']}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m distill_dist.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", "-c", help="YAML run config (configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    ap.add_argument("--model-config", help="the teacher's config.json (default: model.path's, else OLMo2-7B)")
+    ap.add_argument("--gpus", type=int, default=Hardware.gpus_per_node, help="GPUs per node")
+    ap.add_argument("--nodes", type=int, default=Hardware.nodes)
+    ap.add_argument("--mfu", type=float, default=Hardware.mfu)
+    ap.add_argument("--peak-tflops", type=float, default=Hardware.peak_tflops, help="dense bf16 TFLOP/s per GPU")
+    ap.add_argument("--bus-gbs", type=float, default=Hardware.bus_gbs, help="collective bandwidth per GPU, GB/s")
+    ap.add_argument("--sweep-script", default="slurm/reproduce.sh")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"distill-dist plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not 0 < args.mfu <= 1 or args.gpus < 1 or args.nodes < 1:
+        raise ConfigError("--mfu must be in (0, 1], --gpus and --nodes positive integers")
+    model_config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
+    tok = _tokenizer_or_none(cfg)
+    hw = Hardware(gpus_per_node=args.gpus, nodes=args.nodes, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                  bus_gbs=args.bus_gbs)
+    plan = costed_plan(cfg, model_config, tok, hw, sweep_from_script(args.sweep_script))
+    print(json.dumps(plan, indent=2) if args.json else render_markdown(plan))
+    return 0
+
+
+def _tokenizer_or_none(cfg: RunConfig):
+    """The run's tokenizer and data when both are at hand (lengths measured), else None (lengths assumed)."""
+    from .models import load_tokenizer
+
+    spec = cfg.model.tokenizer or cfg.model.path
+    if not spec or not Path(spec).exists() or (cfg.data.source == "jsonl" and not Path(cfg.data.path).is_dir()):
+        return None
+    return load_tokenizer(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Recovery recipe: re-train the pruned student with the CE arm (labels) or the KL arm (teacher only).
+
+Read top to bottom: `setup()` (checks, data, student engine, teacher targets, resume), `train()` (the
+loop, the step in plain sight), `save()` (export, evaluate, mark done). One code path for 1 and N ranks.
+
+A batch goes: row indices (a pure function of seed and step) -> token ids (`data.collate`) -> the
+teacher's targets for the supervised positions (live ZeRO-3 teacher or disk cache, one interface) ->
+student hidden states at those positions -> the fused loss through the LM head, once per micro-step on
+every rank -> backward -> optimizer step. The data position is the step number and every state is
+checkpointed, so an interrupted and resumed run reproduces the uninterrupted loss curve exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, engines, runtime, signals
+from .config import RunConfig, to_yaml
+from .data import PROMPT_VERSION, build_train_examples, collate, load_split
+from .errors import ConfigError, UserError
+from .fileio import atomic_write_json, atomic_write_text, checkpoint_fingerprint
+from .losses import LossSpec
+from .models import load_tokenizer
+from .prune import load_plan
+from .teacher import open_teacher_targets
+
+DONE_FILE = "done.json"
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+def global_batch(n_examples: int, step: int, size: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: a fresh seeded permutation per epoch, last partial batch dropped."""
+    per_epoch = n_examples // size
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * size: (k + 1) * size].tolist()
+
+
+def micro_slice(batch: list[int], micro: int, rank: int, world_size: int, micro_bs: int) -> list[int]:
+    """Micro-batch `micro` of `rank`: slot micro*world + rank, so (world 2, accum 1) == (world 1, accum 2)."""
+    slot = micro * world_size + rank
+    return batch[slot * micro_bs: (slot + 1) * micro_bs]
+
+
+class RecoveryRecipe:
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.tr = cfg, cfg.train
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.spec = LossSpec(kind=self.tr.loss_kind, temperature=self.tr.temperature, jsd_beta=self.tr.jsd_beta,
+                             alpha=self.tr.alpha)
+
+    def finished(self) -> dict | None:
+        done = self.run_dir / DONE_FILE
+        return json.loads(done.read_text()) if done.is_file() else None
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg, tr = self.cfg, self.tr
+        self.rt = runtime.init(tr.pg_timeout_minutes)
+        self.student_dir, self.plan = runtime.agree(self._check_student)
+        self.tok = load_tokenizer(cfg.model.tokenizer or self.student_dir)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.examples = build_train_examples(self.tok, load_split(cfg.data, "train"), tr.arm, tr.positions,
+                                             cfg.data.max_length, cfg.data.add_bos)
+        self.global_batch = tr.micro_batch_size * self.rt.world_size * tr.grad_accum
+        runtime.agree(self._check_batch)
+        self.teacher = open_teacher_targets(cfg, self.spec, self.plan, self.tok, self.examples, self.student_dir)
+        self.meta = self._run_meta()
+        resuming = checkpoint.check_resumable(self.ckpt_root) > 0  # refuses another world size on every rank
+        runtime.agree(lambda: self._check_same_run(resuming))
+        self.engine = engines.student_engine(self.student_dir, cfg, self.spec)
+        engines.write_sharding_report(self.run_dir, self.engine, getattr(self.teacher, "engine", None))
+        self.start_step = checkpoint.resume(self.engine, self.ckpt_root)
+        if self.rt.is_main:
+            atomic_write_json(self.run_dir / "run_meta.json", self.meta)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+        self.tb = _tensorboard(self.run_dir) if tr.tensorboard and self.rt.is_main else None
+
+    def _check_student(self) -> tuple[str, dict]:
+        student_dir = self.tr.student or self.cfg.prune.output_dir
+        if not Path(student_dir).is_dir():
+            raise ConfigError(f"config field 'train.student': no such directory '{student_dir}' "
+                              "(run `distill-dist prune` first)")
+        if self.cfg.model.dtype == "float16":
+            raise ConfigError("config field 'model.dtype' = 'float16': training runs in float32 or bfloat16")
+        return student_dir, load_plan(student_dir)
+
+    def _check_batch(self) -> None:
+        if len(self.examples) < self.global_batch:
+            raise ConfigError(f"{len(self.examples)} training examples < one global batch ({self.global_batch} = "
+                              f"micro_batch_size {self.tr.micro_batch_size} x world {self.rt.world_size} x "
+                              f"grad_accum {self.tr.grad_accum})")
+
+    def _run_meta(self) -> dict:
+        """Everything two runs must share to be compared (the report checks it) or to resume one another."""
+        cfg, tr, plan = self.cfg, self.tr, self.plan
+        return {
+            "arm": tr.arm, "loss": vars(self.spec) | {"positions": tr.positions},
+            "plan_sha256": plan["plan_sha256"], "keep_ratio": plan["keep_ratio"],
+            "prune": {"schedule": list(cfg.prune.schedule), "mode": cfg.prune.mode, "score": plan["score"]},
+            "params_before": plan["params"]["total_before"], "params_after": plan["params"]["total_after"],
+            "teacher": self.teacher.describe() if self.teacher else {"source": "none", "path": None, "fingerprint": None},
+            "schedule": {"max_steps": tr.max_steps, "global_batch": self.global_batch, "lr": tr.lr,
+                         "warmup_steps": tr.warmup_steps, "min_lr_ratio": tr.min_lr_ratio,
+                         "weight_decay": tr.weight_decay, "grad_clip": tr.grad_clip, "seed": tr.seed,
+                         "train_examples": len(self.examples)},
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "train_examples": cfg.data.train_examples,
+                     "seed": cfg.data.seed, "max_length": cfg.data.max_length, "prompt_version": PROMPT_VERSION},
+            "launch": {"world_size": self.rt.world_size, "micro_batch_size": tr.micro_batch_size,
+                       "grad_accum": tr.grad_accum, "device": self.rt.device.type, "dtype": cfg.model.dtype},
+        }
+
+    def _check_same_run(self, resuming: bool) -> None:
+        path = self.run_dir / "run_meta.json"
+        if not resuming or not path.is_file():
+            return
+        old = json.loads(path.read_text())
+        for key in ("arm", "loss", "plan_sha256", "schedule", "data"):
+            if old.get(key) != self.meta.get(key):
+                raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run ({key}: {old.get(key)} vs "
+                                  f"{self.meta.get(key)}); use another train.output_dir")
+
+    # ---------------------------------------------------------------- train
+
+    def train(self) -> None:
+        tr, rt = self.tr, self.rt
+        bar = tqdm(total=tr.max_steps, initial=self.start_step, desc=f"{tr.arm} recovery", unit="step",
+                   disable=not rt.is_main)
+        step = self.start_step
+        try:
+            while step < tr.max_steps:
+                t0 = time.time()
+                lr = self.engine.get_lr()[0]  # the rate this step's update uses
+                batch_rows = global_batch(len(self.examples), step, self.global_batch, tr.seed)
+                loss_sum, tokens = 0.0, 0
+                for micro in range(tr.grad_accum):
+                    rows = [self.examples[i] for i in micro_slice(batch_rows, micro, rt.rank, rt.world_size,
+                                                                  tr.micro_batch_size)]
+                    loss_sum += self._micro_step(rows, step, micro)
+                    tokens += sum(len(r["input_ids"]) for r in rows)
+                    self.engine.step()  # applies the update at the accumulation boundary only
+                step += 1
+                total_loss, total_tokens, stops = runtime.all_reduce(
+                    [loss_sum / tr.grad_accum, tokens, float(signals.stop_requested())])
+                self._log(step, total_loss / rt.world_size, lr, total_tokens, time.time() - t0, bar)
+                if stops or (tr.save_every and step % tr.save_every == 0) or step == tr.max_steps:
+                    checkpoint.save(self.engine, self.ckpt_root, step, tr.keep_checkpoints)
+                if stops and step < tr.max_steps:
+                    bar.close()
+                    if rt.is_main:
+                        print(f"stop signal: checkpoint at step {step} in {self.ckpt_root}; "
+                              f"exiting with {signals.EXIT_PREEMPTED} for requeue")
+                    raise signals.Preempted()
+        finally:
+            bar.close()  # an error message then starts on its own line
+
+    def _micro_step(self, rows: list[dict], step: int, micro: int) -> float:
+        """Forward (teacher targets first, no grad; every rank, every micro-step) and backward of one micro-batch."""
+        batch = collate(rows, self.pad_id, self.rt.device)
+        labels = batch.pop("labels", None) if self.spec.needs_labels else None
+        if not self.spec.needs_labels and "labels" in batch:
+            raise AssertionError("the KL arm's batches must not carry labels")
+        with self.teacher.targets(batch, rows) if self.teacher else nullcontext() as teacher:
+            loss = self.engine(**batch, labels=labels, teacher=teacher)
+        if runtime.all_reduce([0.0 if math.isfinite(loss.item()) else 1.0], "max")[0]:
+            self._abort_diverged(step, micro)
+        self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
+        return loss.item()
+
+    def _log(self, step: int, loss: float, lr: float, tokens: float, dt: float, bar) -> None:
+        if not self.rt.is_main:
+            return
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                  "tokens_per_s": tokens / dt, "step_time_s": dt, "peak_memory_bytes": _peak_memory_bytes(self.rt.device)}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self.tb.add_scalar(f"train/{k}", record[k], step)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
+        bar.update(1)
+
+    def _abort_diverged(self, step: int, micro: int):
+        found = checkpoint.latest(self.ckpt_root)
+        where = f"last good checkpoint: {found[0]}" if found else "no checkpoint yet"
+        raise TrainingDiverged(f"non-finite loss at step {step + 1} (micro-batch {micro}); stopped without applying "
+                               f"it; {where}. Lower train.lr or check the data")
+
+    # ---------------------------------------------------------------- save
+
+    def save(self) -> dict:
+        """Export the recovered student as a standard checkpoint, evaluate it, mark the run done."""
+        final_dir = self.run_dir / "final"
+        engines.export_student(self.engine, self.tok, self.student_dir, final_dir, self.cfg.prune.max_shard_mb)
+        result = {"run_dir": str(self.run_dir), "final": str(final_dir), **self.meta}
+        if self.tr.eval_after:
+            result["eval"] = evaluate_checkpoint(self.cfg, final_dir, self.run_dir / "eval")
+        if self.rt.is_main:
+            atomic_write_json(self.run_dir / DONE_FILE, result)
+            print(f"{self.tr.arm} recovery done: {self.run_dir}")
+        runtime.barrier()
+        return result
+
+
+def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, out_dir: Path) -> dict:
+    """The evaluator on an exported checkpoint: a plain model per rank, questions split across ranks."""
+    from .evaluate import evaluate, write_eval
+    from .models import load_causal_lm
+
+    rt = runtime.get()
+    tok = load_tokenizer(str(model_dir))
+    ds = load_split(cfg.data, cfg.eval.split)
+    if cfg.eval.limit:
+        ds = ds.select(range(min(cfg.eval.limit, len(ds))))
+    model = load_causal_lm(str(model_dir), cfg.model.dtype, rt.device)
+    metrics, per_example = evaluate(model, tok, ds, cfg.eval.batch_size, cfg.data.max_length, rt.device,
+                                    cfg.data.add_bos, progress=False)
+    if rt.is_main:
+        write_eval(out_dir, metrics, per_example, {
+            "split": cfg.eval.split, "model": {"path": str(model_dir), "fingerprint": checkpoint_fingerprint(model_dir),
+                                               "params": sum(p.numel() for p in model.parameters())}})
+    return metrics
+
+
+def _peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def run_training(cfg: RunConfig) -> dict:
+    recipe = RecoveryRecipe(cfg)
+    done = recipe.finished()
+    if done is not None:
+        print(f"{recipe.run_dir} is complete ({DONE_FILE} exists); nothing to do")
+        return done
+    recipe.setup()
+    recipe.train()
+    return recipe.save()

@@ -1,0 +1,145 @@
+"""The costed plan: its counts against real transformers models, torch's FLOP counter, autograd's saved
+tensors and DeepSpeed's ZeRO-3 estimator; the sweep parser, the CLI and its errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+from distill_dist.config import load_config
+from distill_dist.plan import (OLMO2_7B, Hardware, ModelShape, activation_bytes, costed_plan, forward_flops,
+                               main, measure_lengths, model_states, render_markdown, student_shape,
+                               sweep_from_script, train_flops)
+
+SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+OLMO2_7B_CONFIG = dict(model_type="olmo2", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=100352, tie_word_embeddings=False)
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch,tied", [("olmo2", False), ("llama", False), ("llama", True)])
+def test_params_match_real_models(arch, tied):
+    cls, config_cls = (Olmo2ForCausalLM, Olmo2Config) if arch == "olmo2" else (LlamaForCausalLM, LlamaConfig)
+    config = config_cls(**SMALL, tie_word_embeddings=tied)
+    model = cls(config)
+    assert ModelShape.from_config(config).params() == _numel(model)
+    assert ModelShape.from_config(config.to_dict()) == ModelShape.from_config(config)
+
+
+def test_7b_params_match_a_meta_olmo2_and_pruning_rule():
+    """At the real width: an Olmo2ForCausalLM with OLMo2-7B's config built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Olmo2ForCausalLM(Olmo2Config(**OLMO2_7B_CONFIG))
+    shape = ModelShape.from_config(OLMO2_7B_CONFIG)
+    assert shape == OLMO2_7B and shape.params() == _numel(model)
+    student = student_shape(shape, 0.5, 64)
+    assert student.intermediate == 5504 and student.params() < shape.params()
+    with torch.device("meta"):
+        pruned = Olmo2ForCausalLM(Olmo2Config(**{**OLMO2_7B_CONFIG, "intermediate_size": student.intermediate}))
+    assert student.params() == _numel(pruned)
+
+
+def test_forward_and_train_flops_match_torch_flop_counter():
+    """Eager attention, LM head at every position (supervised = L): matmul + attention FLOPs counted by torch;
+    backward = 2x forward."""
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM._from_config(Olmo2Config(**SMALL), attn_implementation="eager")
+    shape = ModelShape.from_config(model.config)
+    B, L = 2, 40
+    ids = torch.randint(0, 512, (B, L))
+    with FlopCounterMode(display=False) as fwd:
+        logits = model(input_ids=ids).logits
+    assert fwd.get_total_flops() == pytest.approx(B * forward_flops(shape, L, L), rel=1e-6)
+    with FlopCounterMode(display=False) as both:
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+    assert both.get_total_flops() == pytest.approx(B * train_flops(shape, L, L), rel=0.01)
+    assert logits.shape == (B, L, 512)
+
+
+def test_activation_formula_against_saved_tensors():
+    """Bytes autograd saves for backward in an OLMo2 forward (parameters excluded), fp32, vs the formula.
+    Tolerance 15%: CPU sdpa also saves its L x L mask/probabilities (the formula assumes flash attention)."""
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM(Olmo2Config(**SMALL))
+    shape = ModelShape.from_config(model.config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    B, L = 2, 48
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 512, (B, L)))
+    predicted = activation_bytes(shape, B * L, positions=1, p=4, chunk=1024, checkpointing=False)["layers"]
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.15)
+
+
+def test_model_states_bracket_deepspeed_estimator():
+    """DeepSpeed's estimate (no offload, the row estimate_zero3_model_states_mem_needs_all_cold prints for
+    offload_param=none, offload_optimizer=none) counts 18 B/param + 4 B x largest layer. Ours: 16 B/param
+    steady, 20 B at the optimizer step (fp32 gradient copy), + bf16 param and grad of the gathered layer;
+    so DeepSpeed's figure must lie between them and within 12% of each."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    for keep in (1.0, 0.5):
+        s = student_shape(OLMO2_7B, keep, 64)
+        _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(s.params(), s.largest_module(), num_gpus_per_node=8,
+                                                             cpu_offload=False, cpu_offload_params=False)
+        states = model_states(s.params(), world=8, p=2, fused_adam=True)
+        gathered = 2 * 2 * s.largest_module()
+        low, high = states["steady"] + gathered, states["peak"] + gathered
+        assert low < ds_gpu < high
+        assert ds_gpu == pytest.approx(low, rel=0.12) and ds_gpu == pytest.approx(high, rel=0.12)
+    fp32 = model_states(10**9, world=2, p=4, fused_adam=False)
+    assert fp32["steady"] == 16 * 10**9 / 2 and fp32["peak"] == 24 * 10**9 / 2  # no master copy; unfused temp
+
+
+def test_sweep_parser(tmp_path):
+    script = tmp_path / "reproduce.sh"
+    script.write_text('KEEP_RATIOS=${KEEP_RATIOS:-0.9 0.4}\nDATA_SIZES=${DATA_SIZES:-10}\nSEEDS=${SEEDS:-1 2 3}\n')
+    sweep = sweep_from_script(script)
+    assert (sweep["keep_ratios"], sweep["data_sizes"], sweep["seeds"]) == ([0.9, 0.4], [10], [1, 2, 3])
+    assert sweep_from_script(tmp_path / "missing.sh")["source"] == "built-in defaults"
+
+
+def test_lengths_measured_on_data(synthetic_data_dir, tiny_tokenizer):
+    cfg = load_config(None, [f"data.path={synthetic_data_dir}", "data.max_length=64"])
+    one = measure_lengths(cfg, tiny_tokenizer, micro_batch=1)
+    four = measure_lengths(cfg, tiny_tokenizer, micro_batch=4)
+    assert one["kl"]["rows"] == 200 and one["kl"]["mean_padded_tokens"] == pytest.approx(one["kl"]["mean_tokens"])
+    assert four["kl"]["mean_padded_tokens"] > four["kl"]["mean_tokens"]  # rows differ in length
+    assert one["kl"]["mean_supervised"] == 1.0 and one["kl"]["max_tokens"] <= 64
+
+
+def test_plan_scales_with_its_assumptions():
+    cfg = load_config(None, ["model.dtype=bfloat16", "prune.round_to=64"])
+    base = costed_plan(cfg, OLMO2_7B_CONFIG)
+    faster = costed_plan(cfg, OLMO2_7B_CONFIG, hw=Hardware(mfu=0.7))
+    h, h2 = base["sweep"]["gpu_hours"], faster["sweep"]["gpu_hours"]
+    assert h2["total_live"] == pytest.approx(h["total_live"] / 2)
+    # Live KL pays a teacher forward per sequence of every KL arm; the cache pays it once per train row.
+    assert h["total_live"] - h["total_cache"] == pytest.approx(h["teacher_live"] - h["teacher_cache"])
+    m16 = costed_plan(load_config(None, ["model.dtype=bfloat16"]), OLMO2_7B_CONFIG, hw=Hardware(gpus_per_node=16))
+    assert m16["memory_per_gpu"]["model_states"] < base["memory_per_gpu"]["model_states"]
+    assert "GPU-hours, live teacher" in render_markdown(base)
+
+
+def test_cli(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(OLMO2_7B_CONFIG))
+    assert main(["--model-config", str(config), "--json", "model.dtype=bfloat16", "data.path=/nonexistent"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["teacher"]["params"] == OLMO2_7B.params() and plan["tokens"]["kl"]["rows"] == 9741
+    assert main(["--mfu", "2"]) == 2
+    assert "--mfu must be in (0, 1]" in capsys.readouterr().err

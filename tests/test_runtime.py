@@ -1,0 +1,118 @@
+"""The process layer: the collective-device guard, one place for collectives, and rank-symmetric refusals.
+
+Refusals run as two real rank processes (RANK/WORLD_SIZE/LOCAL_RANK set the way `launch/srun_tasks.sh`
+sets them, no torchrun in between) so each rank's own stderr and exit status can be read.
+"""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_dist import cli, runtime
+from distill_dist.config import TinyModelConfig
+from distill_dist.models import build_tiny_model
+from distill_dist.runtime import free_port
+
+from conftest import make_teacher_and_student
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "distill_dist"
+
+
+def test_guard_refuses_a_cpu_tensor_under_a_backend_that_needs_cuda():
+    t = torch.arange(3, dtype=torch.float64) + 1
+    with pytest.raises(RuntimeError, match="collective on a cpu tensor, but the nccl backend needs cuda tensors"):
+        runtime.check_comm_device(t, "nccl")
+    runtime.check_comm_device(t, "gloo")  # gloo communicates from CPU
+
+
+def test_every_tensor_collective_goes_through_runtime():
+    """The guard is only honest if nothing else issues torch.distributed collectives directly."""
+    pattern = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|gather\w*|scatter\w*|"
+                         r"barrier|send|recv)\(")
+    offenders = [f"{p.name}:{i}" for p in SRC.glob("*.py") if p.name != "runtime.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_all_reduce_on_one_rank_returns_its_values():
+    rt = runtime.init(1.0)
+    try:
+        assert rt.world_size == 1 and rt.backend == "gloo"
+        assert runtime.all_reduce([1.5, -2.0], "max") == [1.5, -2.0]
+    finally:
+        runtime.shutdown(clean=True)
+    assert "WORLD_SIZE" not in os.environ  # a solo init cleans up after itself
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refusals")
+    data, tok = make_teacher_and_student(root, n_train=80, n_dev=16, data_seed=7, model_seed=4, teacher_steps=40)
+    base = [f"model.path={root / 'teacher'}", f"train.student={root / 'pruned'}", f"data.path={data}",
+            "data.max_length=64", "train.micro_batch_size=2", "train.warmup_steps=0", "train.save_every=1",
+            "train.max_steps=2", "train.eval_after=false", "train.pg_timeout_minutes=5",
+            "train.ds_overrides={zero_optimization.stage3_param_persistence_threshold: 0}"]
+    return {"root": root, "base": base, "tok": tok}
+
+
+def as_ranks(args: list[str], world: int = 2, timeout: float = 240):
+    """Run `distill-dist train ARGS` as `world` rank processes; (exit codes, stderr lines per rank, seconds)."""
+    port, t0 = free_port(), time.time()
+    procs = [subprocess.Popen([sys.executable, "-m", "distill_dist.cli", "train", *args],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [err.splitlines() for _, err in outs], time.time() - t0
+
+
+def assert_same_refusal(codes, errs, seconds, expected: str):
+    lines = [[l for l in e if l.startswith("distill-dist")] for e in errs]
+    assert codes == [2, 2], (codes, errs)
+    assert all(len(ls) == 1 for ls in lines), lines
+    assert lines[0] == lines[1] and expected in lines[0][0], lines
+    assert not any("Traceback" in l for e in errs for l in e), errs
+    # Decided before any engine exists; far below the 5-minute process-group timeout a hang would take.
+    assert seconds < 150, seconds
+
+
+@pytest.mark.multirank
+def test_foreign_teacher_is_refused_on_every_rank(setup, tmp_path):
+    other = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
+                                             seed=77), setup["tok"])
+    other.save_pretrained(tmp_path / "other")
+    codes, errs, s = as_ranks(setup["base"] + ["train.arm=kl", f"model.path={tmp_path / 'other'}",
+                                              f"train.output_dir={tmp_path / 'run'}"])
+    assert_same_refusal(codes, errs, s, "is not the checkpoint the student was pruned from")
+
+
+@pytest.mark.multirank
+def test_cache_with_a_loss_it_cannot_serve_is_refused_on_every_rank(setup, tmp_path):
+    codes, errs, s = as_ranks(setup["base"] + ["train.arm=kl", "train.loss=reverse_kl", "teacher.source=cache",
+                                              f"teacher.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}"])
+    assert_same_refusal(codes, errs, s, "config field 'teacher.source' = 'cache': a teacher-logit cache supports "
+                                        "train.loss=kl only, not 'reverse_kl'")
+
+
+@pytest.mark.multirank
+def test_resume_with_another_world_size_is_refused_on_every_rank(setup, tmp_path):
+    run = tmp_path / "one_rank"
+    assert cli.main(["train", *setup["base"], "train.arm=ce", f"train.output_dir={run}"]) == 0
+    (run / "done.json").unlink()  # as if stopped after its last checkpoint
+    codes, errs, s = as_ranks(setup["base"] + ["train.arm=ce", f"train.output_dir={run}"])
+    assert_same_refusal(codes, errs, s, "was written by 1 ranks and this job has 2")
+
+
+@pytest.mark.multirank
+def test_resume_with_a_changed_config_is_refused_on_every_rank(setup, tmp_path):
+    run = tmp_path / "two_ranks"
+    codes, errs, _ = as_ranks(setup["base"] + ["train.arm=ce", f"train.output_dir={run}"])
+    assert codes == [0, 0], errs
+    (run / "done.json").unlink()
+    codes, errs, s = as_ranks(setup["base"] + ["train.arm=ce", "train.lr=3e-4", f"train.output_dir={run}"])
+    assert_same_refusal(codes, errs, s, "holds a checkpoint of a different run (schedule:")
