@@ -324,3 +324,18 @@ def test_iterative_schedule_prunes_between_stages(setup, tmp_path):
     assert stage1_plan["root_fingerprint"] == plan0["source_fingerprint"]
     assert len(metrics(run / "stage0")) == len(metrics(run / "stage1")) == 3
     assert (run / "eval" / "eval.json").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_curve(setup, tmp_path):
+    """train.gradient_checkpointing recomputes activations in backward: same losses, same weights."""
+    args = setup["base"] + ["train.arm=ce", "train.max_steps=3", "train.eval_after=false"]
+    for name, flag in (("plain", "false"), ("ckpt", "true")):
+        assert cli.main(["train"] + args + [f"train.gradient_checkpointing={flag}",
+                                            f"train.output_dir={tmp_path / name}"]) == 0
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    assert len(a) == 3 and a[0]["loss"] > 0
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("plain", "ckpt"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

@@ -177,8 +177,14 @@ DEMO_DEFAULTS = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # its own options (GPUs, MFU, ...): see `distill-dist plan --help`
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     parser = argparse.ArgumentParser(prog="distill-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("plan", help="costed plan of the real run: parameters, FLOPs, memory per GPU, GPU-hours")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--shard", type=int, help="compute only this shard (Slurm array task id)")
             p.add_argument("--num-shards", type=int, help="total number of shards (the array size)")
             p.add_argument("--verify", action="store_true", help="re-hash every shard of a finished cache")
-    args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else list(argv)))
+    args = parser.parse_args(_take_local_rank(argv))
     fn = COMMANDS[args.command][0]
     from .signals import EXIT_PREEMPTED, Preempted, ignore_further_notices, install_stop_handlers
 

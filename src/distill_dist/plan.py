@@ -375,7 +375,7 @@ def render_markdown(plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m distill_dist.plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="distill-dist plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", "-c", help="YAML run config (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     ap.add_argument("--model-config", help="the teacher's config.json (default: model.path's, else OLMo2-7B)")
