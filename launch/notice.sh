@@ -1,19 +1,20 @@
 # Sourced first thing by the launchers in launch/. A preemption notice (USR1 sent to the step) reaches every
-# process of the step at once, this launcher shell included; a rank still starting up ignores it (USR1 is
-# ignored until the CLI installs its handler). This shell remembers the notice and, once every target
-# process has its handler (the SigCgt mask in /proc), sends it to them once more: a notice that lands during
-# start-up is delivered late instead of lost, and nothing is ever re-sent once delivered.
-# Files for slurm/common.sh, named $DISTILL_DIST_STEP_STATE.*: ready.<task> once this shell catches USR1
-# (from then on one USR1 to the step is enough), stopped.<task> when the command exited 75 (it checkpointed).
-# The launcher defines notice_targets (prints the PIDs to notify) and expected (how many there will be).
+# process of the step at once: this launcher shell, the ranks, and any helper it runs at that moment. So
+# the launcher sets up with USR1 ignored (helpers like scontrol inherit that), then starts the command
+# with USR1 still ignored and only then catches USR1 itself and writes ready.<task>: slurm/common.sh sends
+# the notice once every task is ready, so it is neither lost nor fatal to a helper. A rank still starting
+# up ignores it (no handler yet); this shell remembers it and, once every target process has its handler
+# (the SigCgt mask in /proc), sends it to them once more. Nothing is re-sent after that.
+# Files for slurm/common.sh, named $DISTILL_DIST_STEP_STATE.*: ready.<task> (above), stopped.<task> when
+# the command exited 75 (it checkpointed: requeue). The launcher defines notice_targets (prints the PIDs
+# to notify) and expected (how many there will be).
 EXIT_PREEMPTED=75
 pending=0 main=""
-trap 'pending=1' USR1
+trap '' USR1
 
 state_file() {  # $1 = ready|stopped
   if [ -n "${DISTILL_DIST_STEP_STATE:-}" ]; then : >"$DISTILL_DIST_STEP_STATE.$1.${SLURM_PROCID:-0}"; fi
 }
-state_file ready
 
 has_usr1_handler() {
   local mask
@@ -34,8 +35,10 @@ deliver_notice() {  # until each target has its handler, then USR1 to each of th
 }
 
 run_with_notice() {  # run "$@" with USR1 ignored, deliver a notice as above; return its real exit status
-  (trap '' USR1; exec "$@") &
+  "$@" &  # USR1 is still ignored here, so in the command too until it installs its handler
   main=$!
+  trap 'pending=1' USR1
+  state_file ready
   while kill -0 "$main" 2>/dev/null; do
     if [ "$pending" = 1 ]; then pending=done; deliver_notice; else wait "$main"; fi  # a trap interrupts wait
   done

@@ -214,12 +214,15 @@ def test_encode_choices_real_olmo2_tokenizer(olmo2_tokenizer, real_splits):
         assert conts == target_ids
         for t, c in zip(TARGETS, conts):
             assert ctx + c == tok(prompt + t, add_special_tokens=False)["input_ids"]
-    # OLMo2's tokenizer.json has no BOS: add_bos changes nothing
+    # OLMo2's tokenizer.json has no BOS and adds no special tokens: auto = false; true is refused
     assert tok.bos_token_id is None
-    assert encode_choices(tok, "Question: x\nAnswer:", add_bos=True)[0] == encode_choices(tok, "Question: x\nAnswer:")[0]
+    assert encode_choices(tok, "Question: x\nAnswer:") == encode_choices(tok, "Question: x\nAnswer:", add_bos=False)
+    with pytest.raises(DataError, match=r"^config field 'data.add_bos' = true: the tokenizer has no BOS token"):
+        encode_choices(tok, "Question: x\nAnswer:", add_bos=True)
 
 
-def test_encode_choices_boundary_merge_falls_back(tiny_tokenizer):
+def test_encode_choices_takes_the_tail_of_the_joint_encoding(tiny_tokenizer):
+    """lm-eval's rule: continuation = joint ids after len(context ids), even when a merge crosses the boundary."""
     tok = tiny_tokenizer
 
     def enc(text):
@@ -227,11 +230,27 @@ def test_encode_choices_boundary_merge_falls_back(tiny_tokenizer):
 
     prompt = "Question: q\nAnsw"
     # precondition: "Answ" + "er" merges across the boundary, so the whole string does not start with ctx
-    assert enc(prompt + "er")[: len(enc(prompt))] != enc(prompt)
-    ctx, conts = encode_choices(tok, prompt, targets=("er", " B"))
+    whole = enc(prompt + "er: A")
+    assert whole[: len(enc(prompt))] != enc(prompt) and len(whole) == len(enc(prompt)) + 1
+    ctx, conts = encode_choices(tok, prompt, targets=("er: A", " B"))
     assert ctx == enc(prompt)
-    assert conts[0] == enc("er")  # the fallback: context and target encoded separately
-    assert ctx + conts[1] == enc(prompt + " B")  # no merge: the tail of the whole encoding
+    assert conts[0] == whole[-1:] == enc(" A")  # the model reads ctx + " A": "er:" is lost in the split
+    assert ctx + conts[1] == enc(prompt + " B")  # no merge: context + continuation is the joint encoding
+    # a merge that leaves no tokens after len(ctx) has nothing to score (lm-eval asserts the same)
+    with pytest.raises(DataError, match=r"^target 'er' adds no tokens after the prompt"):
+        encode_choices(tok, prompt, targets=("er",))
+
+
+def test_encode_choices_moves_trailing_space_to_the_target(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ctx, conts = encode_choices(tok, "Question: q\nAnswer: ", targets=("A", "B"))
+    assert ctx == encode_choices(tok, "Question: q\nAnswer:")[0]
+    assert conts == encode_choices(tok, "Question: q\nAnswer:", targets=(" A", " B"))[1]
+
+
+def test_encode_choices_bad_add_bos(tiny_tokenizer):
+    with pytest.raises(DataError, match=r"^config field 'data.add_bos' = 'yes': expected auto, true or false$"):
+        encode_choices(tiny_tokenizer, "Question: q\nAnswer:", add_bos="yes")
 
 
 def test_non_string_answer_key_is_a_data_error(tmp_path):

@@ -134,13 +134,14 @@ def test_parity_tinystories_dev(tinystories_dir, raw_dev, dev):
     assert len(ref) == len(range(0, 1221, STRIDE))
 
 
-@pytest.mark.parametrize("add_bos", [True, False])
-def test_parity_explicit_bos_and_left_truncation(tinystories_dir, raw_dev, dev, add_bos):
-    """data.add_bos true/false = lm-eval's add_bos_token=True/False; 40 tokens cut most prompts' start."""
+@pytest.mark.parametrize("add_bos,max_length", [(True, 512), (False, 512), ("auto", 40)])
+def test_parity_explicit_bos_and_left_truncation(tinystories_dir, raw_dev, dev, add_bos, max_length):
+    """data.add_bos true/false = lm-eval's add_bos_token=True/False; at 40 tokens every prompt loses its
+    start (BOS included), as in lm-eval."""
     lengths = [len(encode_choices(load_tokenizer(str(tinystories_dir)), lmeval_doc_to_text(d))[0])
                for d in raw_dev[:60]]
-    assert min(lengths) > 40, "every prompt is truncated"
-    _check_parity(tinystories_dir, raw_dev, dev, 40, add_bos, n=60)
+    assert 40 < min(lengths) and max(lengths) < 512
+    _check_parity(tinystories_dir, raw_dev, dev, max_length, add_bos, n=60)
 
 
 def test_bos_modes_follow_the_tokenizer_config(olmo2_dir, olmo2_tokenizer, tinystories_dir):
@@ -155,6 +156,17 @@ def test_bos_modes_follow_the_tokenizer_config(olmo2_dir, olmo2_tokenizer, tinys
                                                                                                    prompt)
     ctx, _ = encode_choices(hf, prompt, add_bos=True)
     assert ctx == [100257] + encode_choices(hf, prompt)[0]
+
+
+def test_parity_multi_token_continuations_truncated(tmp_path, raw_dev, dev):
+    """A character-level tokenizer makes " A" two tokens: one request per choice, cut from the left."""
+    from test_evaluate import _byte_tokenizer
+
+    tok = _byte_tokenizer()
+    make_tiny_model(tok, hidden=32, inter=64, heads=2, seed=4).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert len(lmeval_encode_pair(tok, lmeval_doc_to_text(raw_dev[0]), " A", None)[1]) == 2
+    _check_parity(tmp_path, raw_dev, dev, 48, "auto", n=12)
 
 
 @pytest.mark.parametrize("arm", ["ce", "kl"])

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import os
 import time
-from pathlib import Path
 
 import psutil
 import pytest

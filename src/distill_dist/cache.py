@@ -26,44 +26,15 @@ from tqdm.auto import tqdm
 
 from . import runtime, signals
 from .config import RunConfig
-from .data import PROMPT_VERSION, build_train_examples, collate, load_split
+from .data import build_train_examples, collate, load_split
 from .errors import ConfigError
 from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .models import DTYPES, load_tokenizer
 from .prune import ShardWriter, read_model_config
 from .sparse_targets import hybrid_entries, pack_entries, sample_generator, topk_bucket_entries
-from .teacher import MANIFEST, CacheError, LiveTeacher, fingerprint_diff, shard_name, sidecar
+from .teacher import MANIFEST, CacheError, LiveTeacher, expected_fingerprint, fingerprint_diff, shard_name, sidecar
 
 FORMAT_NAMES = {"topk_bucket": "distill_dist.teacher_cache/v1", "hybrid": "distill_dist.teacher_cache/v2"}
-
-
-# ---------------------------------------------------------------- fingerprint
-
-def tokenizer_hash(tok) -> str:
-    backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    return sha256_bytes(text.encode())
-
-
-def data_hash(ds) -> str:
-    """Content of the normalised split (ids, questions, choices), whatever file or hub it came from."""
-    rows = [[r["id"], r["question"], r["choices"]] for r in ds]
-    return sha256_bytes(canonical_json(rows).encode())
-
-
-def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_train=None) -> dict:
-    """Everything the cached values depend on. `full_train` is the unsubsampled train split."""
-    if full_train is None:
-        full_train = load_split(replace(cfg.data, train_examples=None), "train")
-    tc = cfg.teacher
-    fp = {"teacher": teacher_fingerprint, "tokenizer": tokenizer_hash(tok), "data": data_hash(full_train),
-          "sample_ids": sha256_bytes(canonical_json(list(full_train["id"])).encode()),
-          "prompt_version": PROMPT_VERSION, "max_length": cfg.data.max_length, "add_bos": cfg.data.add_bos,
-          "positions": cfg.train.positions, "top_k": tc.top_k, "dtype": tc.dtype,
-          "temperature": cfg.train.temperature, "format": tc.format}
-    if tc.format == "hybrid":
-        fp.update(samples=tc.samples, seed=tc.seed)
-    return fp
 
 
 # ---------------------------------------------------------------- shards

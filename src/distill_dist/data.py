@@ -2,7 +2,9 @@
 
 Normalised row: {id: str, question: str, choices: [5 str], answer: int (0-4, or -1 when the split
 has no answers)}. Every source goes through the same row check, so a bad row is reported with its
-file and line (or dataset row) and never silently dropped.
+file and line (or dataset row) and never silently dropped. Prompts and answer tokens are those of
+lm-eval-harness's `commonsense_qa` task for any tokenizer (`encode_choices`), in evaluation and in
+training alike.
 """
 from __future__ import annotations
 
@@ -161,6 +163,8 @@ def lmeval_encoder(tokenizer, add_bos="auto") -> Callable[[str], list[int]]:
       This is lm-eval's default from 0.4.9.2 on (`add_bos_token=None`).
     - False: no special tokens; lm-eval with `add_bos_token=False`, and its default before 0.4.9.2.
     - True: the tokenizer's BOS, then the plain encoding (`add_bos_token=True`).
+    (lm-eval also drops special tokens for a string that already starts with the BOS text; a CSQA
+    prompt starts with "Question:", so that rule never applies here.)
     """
     if add_bos not in ADD_BOS_MODES:
         raise DataError(f"config field 'data.add_bos' = {add_bos!r}: expected auto, true or false")

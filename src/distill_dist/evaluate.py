@@ -118,7 +118,7 @@ def metrics_from_logliks(logliks: np.ndarray, gold: np.ndarray) -> tuple[dict, n
     return out, probs
 
 
-def evaluate(model, tokenizer, dataset, batch_size: int, max_length: int, device, add_bos: bool = False,
+def evaluate(model, tokenizer, dataset, batch_size: int, max_length: int, device, add_bos="auto",
              progress: bool = True):
     """Score `dataset` (sharded over ranks if distributed); returns (metrics, per-example rows) on every rank."""
     mine = runtime.my_share(len(dataset))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ from safetensors import safe_open
 
 from . import runtime
 from .config import RunConfig
+from .data import PROMPT_VERSION, load_split
 from .errors import ConfigError, UserError
-from .fileio import checkpoint_fingerprint
+from .fileio import canonical_json, checkpoint_fingerprint, sha256_bytes
 from .losses import DenseTeacher, LossSpec
 from .prune import read_model_config
 from .sparse_targets import sparse_teacher, unpack_entries
@@ -41,6 +43,35 @@ def shard_name(i: int, n: int) -> str:
 
 def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def tokenizer_hash(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return sha256_bytes(text.encode())
+
+
+def data_hash(ds) -> str:
+    """Content of the normalised split (ids, questions, choices), whatever file or hub it came from."""
+    rows = [[r["id"], r["question"], r["choices"]] for r in ds]
+    return sha256_bytes(canonical_json(rows).encode())
+
+
+def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_train=None) -> dict:
+    """Everything the cached values depend on. `full_train` is the unsubsampled train split."""
+    if full_train is None:
+        full_train = load_split(replace(cfg.data, train_examples=None), "train")
+    tc = cfg.teacher
+    fp = {"teacher": teacher_fingerprint, "tokenizer": tokenizer_hash(tok), "data": data_hash(full_train),
+          "sample_ids": sha256_bytes(canonical_json(list(full_train["id"])).encode()),
+          "prompt_version": PROMPT_VERSION, "max_length": cfg.data.max_length, "add_bos": cfg.data.add_bos,
+          "positions": cfg.train.positions, "top_k": tc.top_k, "dtype": tc.dtype,
+          "temperature": cfg.train.temperature, "format": tc.format}
+    if tc.format == "hybrid":
+        fp.update(samples=tc.samples, seed=tc.seed)
+    return fp
 
 
 # ---------------------------------------------------------------- live
@@ -168,8 +199,6 @@ def open_teacher_targets(cfg: RunConfig, spec: LossSpec, plan: dict, tok, exampl
     root_fp = plan.get("root_fingerprint", plan["source_fingerprint"])
     s_vocab = read_model_config(Path(student_dir)).get("vocab_size")
     if cfg.teacher.source == "cache":
-        from .cache import expected_fingerprint
-
         def open_cache() -> TeacherCache:
             if spec.kind != "kl":
                 raise ConfigError(f"config field 'teacher.source' = 'cache': a teacher-logit cache supports "
