@@ -49,7 +49,8 @@ def main() -> None:
         f"train: {{student: {root / 'pruned'}, max_steps: {a.steps}, micro_batch_size: {a.micro_batch}, "
         f"save_every: 0, eval_after: false, ds_config: {REPO / 'ds_configs/student_zero3.json'}, "
         f"teacher_ds_config: {REPO / 'ds_configs/teacher_zero3_inference.json'}}}\n")
-    print(f"tiny OLMo2 hidden {a.hidden}, vocab {len(tok)}; {a.ranks} ranks x micro-batch {a.micro_batch}; {a.steps} steps")
+    print(f"tiny OLMo2 hidden {a.hidden}, vocab {len(tok)}; {a.ranks} ranks x micro-batch {a.micro_batch}; "
+          f"{a.steps} steps")
     print("| arm | median step (s) | tokens/s | peak RSS rank 0 (GB) | job wall incl. start-up (s) |")
     print("|---|---|---|---|---|")
     for arm in ("ce", "kl"):

@@ -145,15 +145,17 @@ def kl_totals(rows, teacher, student, tok, ks, taus, seeds: int) -> dict:
             n = hs.shape[0]
             for tau in taus:
                 spec = LossSpec("kl", temperature=tau)
-                kl = lambda target: n * fused_linear_loss(hs, student.lm_head.weight, spec, teacher=target).item()  # noqa: E731
-                tot[("exact", tau)] = tot.get(("exact", tau), 0.0) + kl(DenseTeacher(ht, teacher.lm_head.weight))
+
+                def add(key, target):
+                    kl = fused_linear_loss(hs, student.lm_head.weight, spec, teacher=target).item()
+                    tot[key] = tot.get(key, 0.0) + n * kl
+
+                add(("exact", tau), DenseTeacher(ht, teacher.lm_head.weight))
                 for k in ks:
-                    key = ("bucket", k, tau)
-                    tot[key] = tot.get(key, 0.0) + kl(sparse_teacher(as_stored(topk_bucket_entries(t_logits, tau, k))))
+                    add(("bucket", k, tau), sparse_teacher(as_stored(topk_bucket_entries(t_logits, tau, k))))
                     for s in range(seeds):
                         g = torch.Generator().manual_seed(1000 * i + s)
-                        key = ("hybrid", k, tau, s)
-                        tot[key] = tot.get(key, 0.0) + kl(sparse_teacher(as_stored(hybrid_entries(t_logits, tau, k, 64, g))))
+                        add(("hybrid", k, tau, s), sparse_teacher(as_stored(hybrid_entries(t_logits, tau, k, 64, g))))
     return tot
 
 

@@ -69,13 +69,13 @@ def stored(cache_dir: Path, rows: list[dict]) -> dict[str, torch.Tensor]:
     return unpack_entries(TeacherCache.open(cache_dir).entries(rows))
 
 
-def teacher_logp(env, rows: list[dict], tau: float = 1.0) -> torch.Tensor:
+def teacher_logp(env, rows: list[dict]) -> torch.Tensor:
     """float64 reference: the plain HF teacher's log-probs at the rows' supervised positions."""
     teacher = load_causal_lm(str(env["root"] / "teacher"))
     b = collate(rows, env["tok"].pad_token_id, "cpu")
     with torch.no_grad():
         logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[b["rows"], b["cols"]]
-    return torch.log_softmax(logits.double() / tau, -1)
+    return torch.log_softmax(logits.double(), -1)
 
 
 def one_error_line(err: str) -> str:
@@ -252,7 +252,8 @@ def test_full_vocab_cache_loss_equals_live_fused_loss(env, fmt):
     spec = LossSpec("kl")
 
     def hidden(lm):
-        return lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[b["rows"], b["cols"]]
+        out = lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        return out[b["rows"], b["cols"]]
 
     with torch.no_grad(), CachedTeacher(c, torch.device("cpu")).targets(b, rows) as sparse:
         hs, w = hidden(student), student.lm_head.weight

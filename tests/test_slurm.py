@@ -115,7 +115,8 @@ def test_preempted_job_requeues_and_matches_uninterrupted(cluster, work, kl_run)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
     st, out = finished(cluster, work, job, "klp", timeout=600)
     assert int(st.get("Restarts", "0")) >= 1, out[-3000:]
-    assert "checkpointed and stopped; requeueing" in out and "resuming from" in out
+    assert "checkpointed and stopped" in out and "requeueing" in out and "resuming from" in out
+    assert "User defined signal" not in out  # no rank was killed by a notice
     assert losses(run) == losses(kl_run[0])  # the requeued job continued the same curve, bit for bit
     a, b = (json.loads((r / "done.json").read_text())["eval"] for r in (run, kl_run[0]))
     assert a == b

@@ -240,6 +240,7 @@ def quiet_third_party_warnings() -> None:
     for module in ("deepspeed", "torch", "transformers", "accelerate"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset")  # accelerate, per rank
 
 
 def _take_local_rank(argv: list[str]) -> list[str]:

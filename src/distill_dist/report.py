@@ -497,9 +497,9 @@ def _plot_calibration(groups: list[Group], plt):
         bottom.set_ylabel("share of answers")
     for j in range(len(groups), rows * cols):
         axes[2 * (j // cols), j % cols].axis("off"), axes[2 * (j // cols) + 1, j % cols].axis("off")
-    fig.suptitle(f"Reliability, pooled over seeds ({ECE_BINS} bins; marker area and lower panel: answers per bin)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.suptitle(f"Reliability, pooled over seeds ({ECE_BINS} bins)\nmarker area and lower panel: answers per bin",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
