@@ -97,21 +97,11 @@ def one_node_run(cluster, work):
     return run
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_two_nodes_equal_one_node(cluster, work, one_node_run, launcher):
-    run = work["root"] / f"two_{launcher}"
-    job, log = run_job(cluster, work, f"two_{launcher}", f"train.output_dir={run}", launcher=launcher)
-    st, out = finished(cluster, job, log)
-    assert st["NodeList"] == "node[1-2]"
-    assert json.loads((run / "done.json").read_text())["launch"]["world_size"] == 2
-    assert losses(run) == losses(one_node_run) and len(losses(run)) == STEPS
-    assert eval_of(run) == eval_of(one_node_run)
-
-
 @pytest.mark.parametrize("launcher,when", [("srun", "mid-training"), ("torchrun", "at start-up")])
 def test_preemption_requeues_and_matches_on_a_loaded_cpu(cluster, work, one_node_run, launcher, when):
-    """A notice during training, and one that lands while the ranks are still starting (before their handler
-    is up): each ends in a checkpoint and a requeue, never in a rank killed by the signal."""
+    """2 nodes x 1 rank with each launcher equals the 1-node run, through a preemption: a notice during
+    training, and one that lands while the ranks are still starting (before their handler is up), each ends
+    in a checkpoint and a requeue, never in a rank killed by the signal."""
     run = work["root"] / f"preempt_{launcher}"
     with cpu_load():
         job, log = run_job(cluster, work, f"pre_{launcher}", f"train.output_dir={run}", launcher=launcher)
@@ -122,6 +112,7 @@ def test_preemption_requeues_and_matches_on_a_loaded_cpu(cluster, work, one_node
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
         st, out = finished(cluster, job, log, timeout=400)
     assert int(st.get("Restarts", "0")) >= 1, out[-4000:]
+    assert st["NodeList"] == "node[1-2]" and json.loads((run / "done.json").read_text())["launch"]["world_size"] == 2
     assert "checkpointed and stopped" in out and "requeueing" in out and "resuming from" in out
     assert "User defined signal" not in out and "killed by" not in out  # no rank was killed by a notice
     assert losses(run) == losses(one_node_run)  # bit for bit, across the requeue

@@ -11,10 +11,18 @@ The teacher is either live (`DenseTeacher`: its hidden states and its already ga
 a teacher-logit cache (`SparseTeacher`: a target distribution on a few ids per position, see
 `sparse_targets.py`). All KL-family values are true divergences (zero when student == teacher), scaled
 by tau^2 as usual for distillation so gradients keep their size across temperatures; CE is at tau = 1.
+
+On CUDA, where the optional `liger` extra is installed, the losses Liger-Kernel's Triton kernels compute
+exactly (CE, and forward KL / reverse KL / JSD(beta) against a live teacher) run through Liger instead;
+the cache losses, 'mixed', float64, N = 0 and no-grad calls always run here. See `USE_LIGER`.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -279,6 +287,77 @@ def _check(hidden, weight, spec: LossSpec, labels, teacher) -> None:
         raise ValueError(f"the teacher-logit cache rows do not match the {n} supervised positions")
 
 
+# Where Liger's fused-linear losses replace ours: "cuda" (CUDA tensors only), "always" (any device: the
+# parity tests run Liger on CPU under TRITON_INTERPRET=1), "never". A module global so tests can flip it.
+USE_LIGER = "cuda"
+_LIGER_USES = ("cuda", "always", "never")
+_LIGER_KINDS = ("ce", "kl", "reverse_kl", "jsd")
+
+
+@functools.cache
+def _liger_losses():
+    """(LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD), or None where Liger cannot be imported.
+
+    Not installed: silently None (the extra is optional). Installed but broken (e.g. `packaging`, which
+    Liger does not declare, is missing): one warning saying why, then ours everywhere.
+    """
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    except ImportError as exc:
+        warnings.warn(f"liger-kernel is installed but cannot be imported ({exc}); using the torch fused loss",
+                      stacklevel=3)
+        return None
+    return LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+
+def _liger_applies(hidden, weight, spec: LossSpec, teacher) -> bool:
+    """Whether Liger computes exactly this call's value and gradients (before trying to import it)."""
+    if USE_LIGER not in _LIGER_USES:
+        raise ValueError(f"losses.USE_LIGER must be one of {', '.join(_LIGER_USES)}, got {USE_LIGER!r}")
+    if USE_LIGER == "never" or (USE_LIGER == "cuda" and hidden.device.type != "cuda"):
+        return False
+    if not (torch.is_grad_enabled() and hidden.requires_grad) or hidden.shape[0] == 0:
+        return False  # eval calls: Liger would compute gradients nobody reads; N = 0: Liger divides by N
+    if hidden.dtype == torch.float64 or weight.dtype == torch.float64 or spec.kind not in _LIGER_KINDS:
+        return False
+    if spec.kind == "jsd" and not 0.0 < spec.jsd_beta < 1.0:
+        return False  # Liger reads beta = 0 / 1 as forward / reverse KL, not as a degenerate JSD
+    return spec.kind == "ce" or isinstance(teacher, DenseTeacher)
+
+
+def _liger_accum(cls, weight: torch.Tensor) -> dict | None:
+    """Head-gradient accumulation as ours (float32 for a bf16/fp16 head); None where this Liger cannot."""
+    if weight.dtype == torch.float32:
+        return {}
+    return {"accum_dtype": torch.float32} if "accum_dtype" in inspect.signature(cls).parameters else None
+
+
+def _liger_loss(hidden, weight, spec: LossSpec, labels, teacher) -> torch.Tensor | None:
+    """Liger's value of this call (same mean loss, same gradients), or None where ours must run.
+
+    Liger's generalised JSD is ours (beta weighs the teacher's KL to m = beta p + (1-beta) q) and reads
+    beta = 0 as KL(p||q) and beta = 1 as KL(q||p). It divides the logits by tau but leaves out the tau^2
+    factor, which is multiplied in here (gradients included, through autograd). Both Liger losses mean
+    over the rows whose label is not ignore_index (-100): all N rows here, as ours.
+    """
+    if not _liger_applies(hidden, weight, spec, teacher) or (found := _liger_losses()) is None:
+        return None
+    ce_cls, jsd_cls = found
+    cls = ce_cls if spec.kind == "ce" else jsd_cls
+    accum = _liger_accum(cls, weight)
+    if accum is None:
+        return None
+    if spec.kind == "ce":
+        return cls(reduction="mean", **accum)(weight, hidden, labels).float()
+    beta = {"kl": 0.0, "reverse_kl": 1.0}.get(spec.kind, spec.jsd_beta)
+    tau = spec.temperature
+    value = cls(jsd_beta=beta, temperature=tau, **accum)(hidden, weight, teacher.hidden, teacher.weight, None)
+    return value.float() * (tau * tau)
+
+
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, spec: LossSpec, *,
                       labels: torch.Tensor | None = None, teacher: DenseTeacher | SparseTeacher | None = None,
                       chunk_size: int = 1024) -> torch.Tensor:
@@ -286,11 +365,16 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, spec: LossSpec
 
     Differentiable w.r.t. hidden and weight (gradients computed in forward, see module doc); the weight
     must be the full (gathered) head: this function never calls a module, so it is collective-free.
-    A teacher given to 'ce' is ignored. N = 0 gives a zero loss with zero gradients.
+    A teacher given to 'ce' is ignored. N = 0 gives a zero loss with zero gradients. Where Liger runs
+    (`_liger_applies`: CUDA, a training call, a loss it computes exactly) it picks its own chunks and
+    chunk_size is unused (the tau^2 factor is one more autograd node).
     """
     _check(hidden, weight, spec, labels, teacher)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    liger = _liger_loss(hidden, weight, spec, labels, teacher)
+    if liger is not None:
+        return liger
     grad_on = torch.is_grad_enabled()
     return _FusedLinearLoss.apply(hidden, weight, spec, labels, teacher if spec.needs_teacher else None,
                                   chunk_size, grad_on and hidden.requires_grad, grad_on and weight.requires_grad)

@@ -47,16 +47,6 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device
     return model.eval()
 
 
-def gated_mlps(model) -> list:
-    """The per-layer MLP modules; refuses architectures without gate/up/down projections."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(all(hasattr(getattr(l, "mlp", None), p) for p in MLP_PROJ) for l in layers):
-        raise CheckpointError(
-            f"{type(model).__name__} has no gated MLP (model.layers[i].mlp.gate_proj/up_proj/down_proj); "
-            "supported: Olmo2ForCausalLM, LlamaForCausalLM and similar *ForCausalLM models")
-    return [l.mlp for l in layers]
-
-
 def build_tiny_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised OLMo2 or Llama sized by `cfg`, with the tokenizer's special ids."""
     from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM

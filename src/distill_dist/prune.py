@@ -406,27 +406,3 @@ def load_plan(ckpt_dir: str | os.PathLike) -> dict:
     if plan.get("plan_sha256") != plan_hash(plan):
         raise CheckpointError(f"{path}: plan_sha256 does not match its contents (edited or corrupt)")
     return plan
-
-
-# ---------------------------------------------------------------- in-memory pruning (live models)
-
-@torch.no_grad()
-def prune_model_(model, kept: list[list[int]]) -> None:
-    """Slice a loaded model's MLPs in place to the given per-layer neuron indices."""
-    from .models import gated_mlps
-
-    mlps = gated_mlps(model)
-    if len(kept) != len(mlps):
-        raise CheckpointError(f"plan has {len(kept)} layers, model has {len(mlps)}")
-    for mlp, ix in zip(mlps, kept):
-        ix_t = torch.tensor(ix, dtype=torch.long, device=mlp.gate_proj.weight.device)
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight = torch.nn.Parameter(lin.weight.index_select(0, ix_t))
-            if lin.bias is not None:
-                lin.bias = torch.nn.Parameter(lin.bias.index_select(0, ix_t))
-            lin.out_features = len(ix)
-        mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.index_select(1, ix_t))
-        mlp.down_proj.in_features = len(ix)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(ix)
-    model.config.intermediate_size = len(kept[0])
