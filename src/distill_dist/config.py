@@ -254,76 +254,90 @@ def _require(cond: bool, field_name: str, expected: str, value: Any) -> None:
 
 def validate(cfg: Any) -> None:
     """Range and choice checks for every section present in the config."""
-    if hasattr(cfg, "model"):
-        _require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", cfg.model.dtype)
-    if hasattr(cfg, "tiny"):
-        t = cfg.tiny
-        _require(t.architecture in ("olmo2", "llama"), "tiny.architecture", "olmo2 or llama", t.architecture)
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "max_position_embeddings"):
-            _require(getattr(t, name) > 0, f"tiny.{name}", "a positive integer", getattr(t, name))
-        _require(t.hidden_size % t.num_heads == 0, "tiny.hidden_size", "a multiple of tiny.num_heads", t.hidden_size)
-        _require(t.num_heads % t.num_kv_heads == 0, "tiny.num_kv_heads", "a divisor of tiny.num_heads", t.num_kv_heads)
-        _require(t.vocab_size is None or t.vocab_size > 0, "tiny.vocab_size", "a positive integer or null", t.vocab_size)
-    if hasattr(cfg, "teacher"):
-        tc = cfg.teacher
-        _require(tc.source in ("live", "cache"), "teacher.source", "live or cache", tc.source)
-        _require(tc.format in ("hybrid", "topk_bucket"), "teacher.format", "hybrid or topk_bucket", tc.format)
-        _require(tc.top_k > 0, "teacher.top_k", "a positive integer", tc.top_k)
-        _require(tc.samples > 0, "teacher.samples", "a positive integer", tc.samples)
-        _require(tc.dtype in DTYPES, "teacher.dtype", f"one of {DTYPES}", tc.dtype)
-        _require(tc.num_shards is None or tc.num_shards > 0, "teacher.num_shards", "a positive integer or null",
-                 tc.num_shards)
-        _require(tc.shard_samples > 0, "teacher.shard_samples", "a positive integer", tc.shard_samples)
-        _require(tc.batch_size > 0, "teacher.batch_size", "a positive integer", tc.batch_size)
-        _require(tc.shard is None or tc.shard >= 0, "teacher.shard", "an integer >= 0 or null", tc.shard)
-    if hasattr(cfg, "data"):
-        d = cfg.data
-        _require(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
-        _require(d.train_examples is None or d.train_examples > 0, "data.train_examples",
-                 "a positive integer or null", d.train_examples)
-        _require(d.max_length > 0, "data.max_length", "a positive integer", d.max_length)
-        _require(isinstance(d.add_bos, bool) or d.add_bos == "auto", "data.add_bos", "auto, true or false",
-                 d.add_bos)
-    if hasattr(cfg, "prune"):
-        p = cfg.prune
-        _require(len(p.schedule) > 0, "prune.schedule", "a non-empty list of keep ratios", p.schedule)
-        for i, r in enumerate(p.schedule):
-            _require(0.0 < r <= 1.0, f"prune.schedule[{i}]", "a keep ratio in (0, 1]", r)
-        _require(all(a > b for a, b in zip(p.schedule, p.schedule[1:])), "prune.schedule",
-                 "strictly decreasing keep ratios", p.schedule)
-        _require(p.mode in ("one_shot", "iterative"), "prune.mode", "one_shot or iterative", p.mode)
-        _require(p.score in PRUNE_SCORES, "prune.score", f"one of {PRUNE_SCORES}", p.score)
-        _require(p.round_to >= 1, "prune.round_to", "an integer >= 1", p.round_to)
-        _require(p.max_shard_mb >= 1, "prune.max_shard_mb", "an integer >= 1", p.max_shard_mb)
-    if hasattr(cfg, "train"):
-        tr = cfg.train
-        _require(tr.arm in ("ce", "kl"), "train.arm", "ce or kl", tr.arm)
-        _require(tr.loss in ("auto", "ce", "kl", "reverse_kl", "jsd", "mixed"), "train.loss",
-                 "auto, ce, kl, reverse_kl, jsd or mixed", tr.loss)
-        if tr.arm == "kl":
-            _require(tr.loss_kind not in ("ce", "mixed"), "train.loss",
-                     "a label-free loss for the KL arm (kl, reverse_kl, jsd); mixed/ce need train.arm=ce", tr.loss)
-        _require(tr.positions in ("answer", "all"), "train.positions", "answer or all", tr.positions)
-        _require(tr.temperature > 0, "train.temperature", "a positive number", tr.temperature)
-        _require(0 < tr.jsd_beta < 1, "train.jsd_beta", "a number in (0, 1)", tr.jsd_beta)
-        _require(0 <= tr.alpha <= 1, "train.alpha", "a number in [0, 1]", tr.alpha)
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "chunk_size", "keep_checkpoints"):
-            _require(getattr(tr, name) > 0, f"train.{name}", "a positive integer", getattr(tr, name))
-        for name in ("warmup_steps", "save_every"):
-            _require(getattr(tr, name) >= 0, f"train.{name}", "an integer >= 0", getattr(tr, name))
-        _require(tr.lr > 0, "train.lr", "a positive number", tr.lr)
-        _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
-        _require(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", tr.min_lr_ratio)
-        _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
-        _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
-    if hasattr(cfg, "eval"):
-        e = cfg.eval
-        _require(e.split in SPLITS, "eval.split", f"one of {SPLITS}", e.split)
-        _require(e.limit is None or e.limit > 0, "eval.limit", "a positive integer or null", e.limit)
-        _require(e.batch_size > 0, "eval.batch_size", "a positive integer", e.batch_size)
-        _require(e.device in ("auto", "cpu", "cuda"), "eval.device", "auto, cpu or cuda", e.device)
+    for name, check in _SECTION_CHECKS.items():
+        if hasattr(cfg, name):
+            check(getattr(cfg, name))
 
+
+def _check_model(m) -> None:
+    _require(m.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", m.dtype)
+
+
+def _check_tiny(t) -> None:
+    _require(t.architecture in ("olmo2", "llama"), "tiny.architecture", "olmo2 or llama", t.architecture)
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_position_embeddings"):
+        _require(getattr(t, name) > 0, f"tiny.{name}", "a positive integer", getattr(t, name))
+    _require(t.hidden_size % t.num_heads == 0, "tiny.hidden_size", "a multiple of tiny.num_heads", t.hidden_size)
+    _require(t.num_heads % t.num_kv_heads == 0, "tiny.num_kv_heads", "a divisor of tiny.num_heads", t.num_kv_heads)
+    _require(t.vocab_size is None or t.vocab_size > 0, "tiny.vocab_size", "a positive integer or null", t.vocab_size)
+
+
+def _check_teacher(tc) -> None:
+    _require(tc.source in ("live", "cache"), "teacher.source", "live or cache", tc.source)
+    _require(tc.format in ("hybrid", "topk_bucket"), "teacher.format", "hybrid or topk_bucket", tc.format)
+    _require(tc.top_k > 0, "teacher.top_k", "a positive integer", tc.top_k)
+    _require(tc.samples > 0, "teacher.samples", "a positive integer", tc.samples)
+    _require(tc.dtype in DTYPES, "teacher.dtype", f"one of {DTYPES}", tc.dtype)
+    _require(tc.num_shards is None or tc.num_shards > 0, "teacher.num_shards", "a positive integer or null",
+             tc.num_shards)
+    _require(tc.shard_samples > 0, "teacher.shard_samples", "a positive integer", tc.shard_samples)
+    _require(tc.batch_size > 0, "teacher.batch_size", "a positive integer", tc.batch_size)
+    _require(tc.shard is None or tc.shard >= 0, "teacher.shard", "an integer >= 0 or null", tc.shard)
+
+
+def _check_data(d) -> None:
+    _require(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
+    _require(d.train_examples is None or d.train_examples > 0, "data.train_examples",
+             "a positive integer or null", d.train_examples)
+    _require(d.max_length > 0, "data.max_length", "a positive integer", d.max_length)
+    _require(isinstance(d.add_bos, bool) or d.add_bos == "auto", "data.add_bos", "auto, true or false",
+             d.add_bos)
+
+
+def _check_prune(p) -> None:
+    _require(len(p.schedule) > 0, "prune.schedule", "a non-empty list of keep ratios", p.schedule)
+    for i, r in enumerate(p.schedule):
+        _require(0.0 < r <= 1.0, f"prune.schedule[{i}]", "a keep ratio in (0, 1]", r)
+    _require(all(a > b for a, b in zip(p.schedule, p.schedule[1:])), "prune.schedule",
+             "strictly decreasing keep ratios", p.schedule)
+    _require(p.mode in ("one_shot", "iterative"), "prune.mode", "one_shot or iterative", p.mode)
+    _require(p.score in PRUNE_SCORES, "prune.score", f"one of {PRUNE_SCORES}", p.score)
+    _require(p.round_to >= 1, "prune.round_to", "an integer >= 1", p.round_to)
+    _require(p.max_shard_mb >= 1, "prune.max_shard_mb", "an integer >= 1", p.max_shard_mb)
+
+
+def _check_train(tr) -> None:
+    _require(tr.arm in ("ce", "kl"), "train.arm", "ce or kl", tr.arm)
+    _require(tr.loss in ("auto", "ce", "kl", "reverse_kl", "jsd", "mixed"), "train.loss",
+             "auto, ce, kl, reverse_kl, jsd or mixed", tr.loss)
+    if tr.arm == "kl":
+        _require(tr.loss_kind not in ("ce", "mixed"), "train.loss",
+                 "a label-free loss for the KL arm (kl, reverse_kl, jsd); mixed/ce need train.arm=ce", tr.loss)
+    _require(tr.positions in ("answer", "all"), "train.positions", "answer or all", tr.positions)
+    _require(tr.temperature > 0, "train.temperature", "a positive number", tr.temperature)
+    _require(0 < tr.jsd_beta < 1, "train.jsd_beta", "a number in (0, 1)", tr.jsd_beta)
+    _require(0 <= tr.alpha <= 1, "train.alpha", "a number in [0, 1]", tr.alpha)
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "chunk_size", "keep_checkpoints"):
+        _require(getattr(tr, name) > 0, f"train.{name}", "a positive integer", getattr(tr, name))
+    for name in ("warmup_steps", "save_every"):
+        _require(getattr(tr, name) >= 0, f"train.{name}", "an integer >= 0", getattr(tr, name))
+    _require(tr.lr > 0, "train.lr", "a positive number", tr.lr)
+    _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
+    _require(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", tr.min_lr_ratio)
+    _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
+    _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
+
+
+def _check_eval(e) -> None:
+    _require(e.split in SPLITS, "eval.split", f"one of {SPLITS}", e.split)
+    _require(e.limit is None or e.limit > 0, "eval.limit", "a positive integer or null", e.limit)
+    _require(e.batch_size > 0, "eval.batch_size", "a positive integer", e.batch_size)
+    _require(e.device in ("auto", "cpu", "cuda"), "eval.device", "auto, cpu or cuda", e.device)
+
+
+_SECTION_CHECKS = {"model": _check_model, "tiny": _check_tiny, "teacher": _check_teacher, "data": _check_data,
+                   "prune": _check_prune, "train": _check_train, "eval": _check_eval}
 
 def looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).exists()

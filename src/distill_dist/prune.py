@@ -280,6 +280,46 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     """
     src, out = Path(src), Path(out)
     settings = {"keep_ratio": keep_ratio, "score": score, "round_to": round_to}
+    done = _existing_pruning(src, out, settings, keep, overwrite)
+    if done is not None:
+        log(f"{out} already holds this pruning (plan {done['plan_sha256'][:12]}); nothing to do")
+        return done
+    t0 = time.time()
+    mcfg = read_model_config(src)
+    inter = mcfg["intermediate_size"]
+    k = keep if keep is not None else keep_count(inter, keep_ratio, round_to)
+    if not 0 < k <= inter:
+        raise CheckpointError(f"cannot keep {k} of {inter} MLP neurons per layer")
+    shards = _index_checkpoint(src)
+    kept, bytes_scored = _score_neurons(src, mcfg, shards, score, k)
+    t_score = time.time() - t0
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    stats = _write_pruned(src, tmp, shards, kept, k, max_shard_mb)
+    atomic_write_json(tmp / "config.json", dict(mcfg, intermediate_size=k))
+    for p in sorted(src.iterdir()):  # generation config, tokenizer files, ...
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in _NON_COPIED and not p.name.startswith("."):
+            shutil.copy2(p, tmp / p.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    plan = _make_plan(src, mcfg, settings, kept, stats)
+    atomic_write_json(tmp / PLAN_FILE, plan)
+    replace_dir(tmp, out)
+
+    wall = time.time() - t0
+    plan["_stats"] = {"wall_s": wall, "score_s": t_score, "bytes_read": bytes_scored + stats["bytes_read"],
+                      "bytes_written": stats["bytes_written"]}
+    before, after = plan["params"]["total_before"], plan["params"]["total_after"]
+    log(f"pruned {src} -> {out}: intermediate {inter} -> {k} per layer, params {before:,} -> "
+        f"{after:,} ({after / before:.1%}), plan {plan['plan_sha256'][:12]}, {wall:.1f}s")
+    return plan
+
+
+def _existing_pruning(src: Path, out: Path, settings: dict, keep: int | None, overwrite: bool) -> dict | None:
+    """The plan already at `out` when it is this very pruning (idempotent re-runs); refuses to clobber others."""
     if out.resolve() == src.resolve():
         raise CheckpointError(f"prune.output_dir {out} is the source checkpoint; choose another directory")
     if (out / PLAN_FILE).is_file():
@@ -288,7 +328,6 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
                 and all(old.get(k) == v for k, v in settings.items())
                 and (keep is None or old.get("intermediate_size_after") == keep))
         if same and not overwrite:
-            log(f"{out} already holds this pruning (plan {old['plan_sha256'][:12]}); nothing to do")
             return old
         if not overwrite:
             raise CheckpointError(f"{out} already holds a different pruning (plan {old.get('plan_sha256', '?')[:12]}); "
@@ -296,105 +335,80 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} exists and is not a pruned checkpoint; choose another prune.output_dir "
                               "(or set prune.overwrite=true to replace it)")
-    t0 = time.time()
-    mcfg = read_model_config(src)
-    n_layers, inter = mcfg["num_hidden_layers"], mcfg["intermediate_size"]
-    k = keep if keep is not None else keep_count(inter, keep_ratio, round_to)
-    if not 0 < k <= inter:
-        raise CheckpointError(f"cannot keep {k} of {inter} MLP neurons per layer")
-    shards = _index_checkpoint(src)
+    return None
+
+
+def _score_neurons(src: Path, mcfg: dict, shards: dict, score: str, k: int) -> tuple[list[list[int]], int]:
+    """Pass 1: the kept neurons of every layer, one layer's three matrices in memory at a time."""
     by_name = {e.name: e for entries in shards.values() for e in entries}
+    n_layers = mcfg["num_hidden_layers"]
     for layer in range(n_layers):
         for proj in MLP_PROJ:
             if mlp_weight_name(layer, proj) not in by_name:
                 raise CheckpointError(
                     f"{src}: tensor {mlp_weight_name(layer, proj)} not found; architecture "
                     f"{mcfg['architectures'][0]} has no gated MLP (gate_proj/up_proj/down_proj)")
-
-    # Pass 1: scores, one layer's three matrices in memory at a time.
-    kept: list[list[int]] = []
-    bytes_read = 0
+    kept, bytes_read = [], 0
     for layer in range(n_layers):
-        g, u, d = (_read_tensor(by_name[mlp_weight_name(layer, p)]) for p in MLP_PROJ)
-        bytes_read += sum(by_name[mlp_weight_name(layer, p)].end - by_name[mlp_weight_name(layer, p)].begin for p in MLP_PROJ)
+        entries = [by_name[mlp_weight_name(layer, p)] for p in MLP_PROJ]
+        g, u, d = (_read_tensor(e) for e in entries)
+        bytes_read += sum(e.end - e.begin for e in entries)
         kept.append(select_neurons(neuron_scores(g, u, d, score), k))
         del g, u, d
-    t_score = time.time() - t0
+    return kept, bytes_read
 
-    # Pass 2: stream every shard, slice the MLP tensors, write new shards.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _write_pruned(src: Path, tmp: Path, shards: dict, kept: list[list[int]], k: int, max_shard_mb: int) -> dict:
+    """Pass 2: stream every shard once, slice the MLP tensors, write new shards; counts and content hashes."""
     layout = [(e.name, _ST_DTYPES.get(e.dtype, torch.uint8), _pruned_shape(e.name, e.shape, k))
               for entries in shards.values() for e in entries]
     writer = ShardWriter(tmp, layout, max_shard_mb * 1024 * 1024)
-    file_hashes = {}
-    params_before = params_after = mlp_before = mlp_after = 0
+    stats = {"file_hashes": {}, "total_before": 0, "total_after": 0, "mlp_before": 0, "mlp_after": 0, "bytes_read": 0}
     index_tensors = [torch.tensor(ix, dtype=torch.long) for ix in kept]
     for shard_name, entries in shards.items():
         h = hashlib.sha256()
         for e, t in _stream_shard(src / shard_name, entries, h):
-            bytes_read += e.end - e.begin
-            params_before += t.numel()
+            stats["bytes_read"] += e.end - e.begin
+            stats["total_before"] += t.numel()
             parts = _mlp_parts(e.name)
             if parts:
-                mlp_before += t.numel()
+                stats["mlp_before"] += t.numel()
                 ix = index_tensors[int(parts[2])]
                 # gate/up weight [I, H] and bias [I] lose rows; down weight [H, I] loses columns, its bias stays.
                 if parts[4] in ("gate_proj", "up_proj"):
                     t = t.index_select(0, ix)
                 elif parts[5] == "weight":
                     t = t.index_select(1, ix)
-                mlp_after += t.numel()
-            params_after += t.numel()
+                stats["mlp_after"] += t.numel()
+            stats["total_after"] += t.numel()
             writer.write(e.name, t)
-        file_hashes[shard_name] = h.hexdigest()
+        stats["file_hashes"][shard_name] = h.hexdigest()
     writer.finish()
+    stats["bytes_written"] = writer.bytes_written
+    return stats
 
-    new_cfg = dict(mcfg, intermediate_size=k)
-    atomic_write_json(tmp / "config.json", new_cfg)
-    for p in sorted(src.iterdir()):  # generation config, tokenizer files, ...
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in _NON_COPIED and not p.name.startswith("."):
-            shutil.copy2(p, tmp / p.name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
 
-    # The id later stages compare (cheap: headers, sizes, config); the full content hash of what was read
-    # comes free with the streaming pass and is recorded too.
+def _make_plan(src: Path, mcfg: dict, settings: dict, kept: list[list[int]], stats: dict) -> dict:
+    # The id later stages compare (cheap: headers, sizes, sampled content, config); the full content hash
+    # of what was read comes free with the streaming pass and is recorded too.
     source_fp = checkpoint_fingerprint(src)
-    entries = [("config.json", sha256_file(src / "config.json"))] + sorted(file_hashes.items())
-    content_sha = sha256_bytes(canonical_json([list(e) for e in entries]).encode())
+    entries = [("config.json", sha256_file(src / "config.json"))] + sorted(stats["file_hashes"].items())
     # The unpruned model at the root of a chain of prunes (iterative schedules prune pruned students):
     # the teacher a KL arm must distil from.
     src_plan = src / PLAN_FILE
     root_fp = json.loads(src_plan.read_text()).get("root_fingerprint", source_fp) if src_plan.is_file() else source_fp
     plan = {
-        "format": PLAN_FORMAT,
-        "source_fingerprint": source_fp,
-        "source_content_sha256": content_sha,
-        "root_fingerprint": root_fp,
-        "architecture": mcfg["architectures"][0],
-        "num_layers": n_layers,
-        "hidden_size": mcfg["hidden_size"],
-        "intermediate_size_before": inter,
-        "intermediate_size_after": k,
-        **settings,
-        "kept_indices": kept,
-        "params": {"total_before": params_before, "total_after": params_after,
-                   "mlp_before": mlp_before, "mlp_after": mlp_after},
+        "format": PLAN_FORMAT, "source_fingerprint": source_fp,
+        "source_content_sha256": sha256_bytes(canonical_json([list(e) for e in entries]).encode()),
+        "root_fingerprint": root_fp, "architecture": mcfg["architectures"][0],
+        "num_layers": mcfg["num_hidden_layers"], "hidden_size": mcfg["hidden_size"],
+        "intermediate_size_before": mcfg["intermediate_size"], "intermediate_size_after": len(kept[0]),
+        **settings, "kept_indices": kept,
+        "params": {k: stats[k] for k in ("total_before", "total_after", "mlp_before", "mlp_after")},
         "provenance": {"source_path": str(src), "source_identity": _source_identity(src),
                        "created_unix": int(time.time())},
     }
     plan["plan_sha256"] = plan_hash(plan)
-    atomic_write_json(tmp / PLAN_FILE, plan)
-    replace_dir(tmp, out)
-
-    wall = time.time() - t0
-    plan["_stats"] = {"wall_s": wall, "score_s": t_score, "bytes_read": bytes_read,
-                      "bytes_written": writer.bytes_written}
-    log(f"pruned {src} -> {out}: intermediate {inter} -> {k} per layer, params {params_before:,} -> "
-        f"{params_after:,} ({params_after / params_before:.1%}), plan {plan['plan_sha256'][:12]}, {wall:.1f}s")
     return plan
 
 
