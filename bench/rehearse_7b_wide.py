@@ -53,7 +53,14 @@ TRAIN_STAGES = ("write_train", "prune_train", "cache_train", "train_kl_cache", "
 STAGES = FULL_STAGES + TRAIN_STAGES
 ARMS = {"train_kl_cache": ("kl", "cache"), "train_kl_live": ("kl", "live"), "startup_full": ("kl", "live"),
         "startup_cheap": ("kl", "live"), "train_ce": ("ce", "live")}
-BASELINE = "import torch, deepspeed, transformers, distill_dist.cli; print(open('/proc/self/status').read())"
+# What a stage imports before it touches a model (the CLI imports its modules lazily): prune streams
+# safetensors; eval adds transformers' OLMo2, datasets, accelerate; cache and train add DeepSpeed.
+_OLMO2 = "import datasets, accelerate, transformers.models.olmo2.modeling_olmo2, distill_dist.evaluate, distill_dist.runtime; "
+BASELINE_IMPORTS = {
+    "prune": "import torch, transformers, distill_dist.cli, distill_dist.prune, distill_dist.models; ",
+    "eval": "import torch, transformers; " + _OLMO2,
+    "zero3": "import torch, deepspeed; " + _OLMO2 + "import distill_dist.recipe, distill_dist.cache, distill_dist.engines; ",
+}
 FULL_FP_FLAG = "--cli-full-fingerprint"
 
 
@@ -162,10 +169,15 @@ def run_measured(cmd: list[str], env: dict, log: Path, cap: float, marker: Path 
 
 # ---------------------------------------------------------------- inputs
 
-def baseline_rss(env: dict) -> float:
-    """VmHWM of one process that only imports what every stage imports (interpreter + torch + DeepSpeed)."""
-    out = subprocess.run([sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True, check=True).stdout
-    return int(next(l for l in out.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
+def baseline_rss(env: dict) -> dict[str, float]:
+    """VmHWM of a process that only imports what a kind of stage imports: its resident set before it
+    touches a model."""
+    out = {}
+    for kind, imports in BASELINE_IMPORTS.items():
+        code = imports + "print(open('/proc/self/status').read())"
+        text = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        out[kind] = int(next(l for l in text.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
+    return out
 
 
 def write_subset(root: Path, n_train: int, n_dev: int) -> Path:
@@ -228,21 +240,24 @@ def shape_of(s: Setup, layers: int) -> ModelShape:
                       kv_heads=sh["heads"], vocab=s.vocab, qk_norm=True)
 
 
-def predictions(cfg, teacher: ModelShape, base: float) -> dict:
-    """plan.py's per-rank bytes for each stage at these shapes (2 ranks, unfused AdamW: CPU), + the baseline.
+def predictions(cfg, teacher: ModelShape, bases: dict) -> dict:
+    """plan.py's per-rank bytes for each stage at these shapes (2 ranks, unfused AdamW: CPU), + the baseline
+    of that kind of stage.
     prune: the larger of the largest tensor (prune streams tensor by tensor) and the scoring pass's working
-    set, one layer's gate/up/down in model.dtype plus one of them in float64 (prune.neuron_scores); cache: the teacher's shard + one gathered layer;
+    set, one layer's gate/up/down in model.dtype plus one of them in float64 (prune.neuron_scores); eval: an
+    upper bound, the weights are mmapped and only touched pages count (embedding rows of unseen tokens do not); cache: the teacher's shard + one gathered layer;
     eval: one whole student per process in model.dtype."""
     p = DTYPE_BYTES[cfg.model.dtype]
     student = student_shape(teacher, cfg.prune.keep_ratio, cfg.prune.round_to)
     lengths = {"kl": {"max_tokens": cfg.data.max_length}}
     m = per_gpu_memory(teacher, student, cfg, lengths, Hardware(gpus_per_node=2, fused_adam=False), p)
-    return {"prune": base + max(p * teacher.largest_module(), (3 * p + 8) * teacher.intermediate * teacher.hidden),
+    base = bases["zero3"]
+    return {"prune": bases["prune"] + max(p * teacher.largest_module(), (3 * p + 8) * teacher.intermediate * teacher.hidden),
             "cache": base + m["teacher_shard"] + m["teacher_gathered"],
             "train_kl_cache": base + m["total_cache"], "train_ce": base + m["total_cache"],
             "train_kl_live": base + m["total_live"], "startup_full": base + m["total_live"],
             "startup_cheap": base + m["total_live"],
-            "eval": base + p * student.params()}
+            "eval": bases["eval"] + p * student.params()}
 
 
 # ---------------------------------------------------------------- stages
@@ -370,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
         preds[key] = predictions(cfg, teacher, base)
         print(f"{key}: {args.layers}-layer OLMo2 at 7B widths, vocab {s.vocab}: teacher {teacher.params() / 1e9:.3f} B "
               f"params, student {student_shape(teacher, 0.5, 64).params() / 1e9:.3f} B; {args.dtype}")
-    print(f"import baseline {base / GIB:.2f} GiB/process; free memory {mem_available() / GIB:.1f} GiB; "
+    bases = ", ".join(f"{k} {v / GIB:.2f}" for k, v in base.items())
+    print(f"import baselines (GiB/process): {bases}; free memory {mem_available() / GIB:.1f} GiB; "
           f"micro-batch {args.micro_batch}, max_length {args.max_length}, {args.steps} steps, world 2")
     rows = []
     for stage in args.stages.split(","):

@@ -143,3 +143,60 @@ def test_cli(tmp_path, capsys):
     assert plan["teacher"]["params"] == OLMO2_7B.params() and plan["tokens"]["kl"]["rows"] == 9741
     assert main(["--mfu", "2"]) == 2
     assert "--mfu must be in (0, 1]" in capsys.readouterr().err
+
+
+GATHER_PROBE = r"""
+import json, sys, torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from distill_dist import runtime
+from distill_dist.config import load_config
+from distill_dist.engines import teacher_engine
+d, max_live = sys.argv[1], int(sys.argv[2])
+zo = "zero_optimization."
+cfg = load_config(None, [f"model.path={d}", "model.dtype=float32", "train.ds_overrides={%sstage3_max_live_parameters: "
+                         "%d, %sstage3_prefetch_bucket_size: 1000, %sstage3_param_persistence_threshold: 0}" % (zo, max_live, zo, zo)])
+runtime.init(5)
+engine = teacher_engine(d, cfg)
+params, peaks = list(engine.module.parameters()), []
+def hook(*_):
+    peaks[-1] = max(peaks[-1], sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+for m in engine.module.modules():
+    if not list(m.children()):
+        m.register_forward_pre_hook(hook)
+        m.register_forward_hook(hook)
+ids = torch.randint(0, 500, (2, 16))
+batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), rows=torch.arange(2), cols=torch.full((2,), 15))
+with torch.no_grad():
+    for _ in range(3):
+        peaks.append(0)
+        engine(**batch)
+print("PEAKS " + json.dumps(peaks))
+"""
+
+
+@pytest.mark.parametrize("max_live", [10**9, 300_000])
+def test_gathered_parameters_match_a_zero3_forward(tmp_path, max_live):
+    """A ZeRO-3 teacher forward (world of one, CPU, tiny prefetch bucket, nothing persistent): once the trace
+    is recorded, the parameters held whole at once reach min(max_live + largest, traced) -- the whole body
+    when max_live allows it, far above the largest module + prefetch bucket that the plan used to assume."""
+    import os
+    import subprocess
+    import sys
+
+    from distill_dist.plan import gathered_params
+
+    config = Olmo2Config(**{**SMALL, "num_hidden_layers": 4})
+    Olmo2ForCausalLM(config).save_pretrained(tmp_path / "t")
+    shape = ModelShape.from_config(config)
+    traced = shape.params() - shape.vocab * shape.hidden  # the head is not in the engine's forward
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29400 + os.getpid() % 500))
+    out = subprocess.run([sys.executable, "-c", GATHER_PROBE, str(tmp_path / "t"), str(max_live)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    peaks = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("PEAKS "))[6:])
+    bound = gathered_params(traced, shape.largest_module(), max_live)
+    assert peaks[0] <= 2 * shape.largest_module() + 1000  # the first forward fetches module by module
+    assert max(peaks[1:]) <= bound  # after the trace: the prefetcher runs ahead, never past the bound
+    if max_live < traced:  # the cap binds: held at it
+        assert max(peaks[1:]) >= max_live
+    else:  # the lead grows by a parameter at every module without one: 2/3 of the body by the last layer
+        assert max(peaks[1:]) > 0.5 * traced > 2 * shape.largest_module() + 1000

@@ -152,7 +152,9 @@ class Hardware:
     mfu: float = 0.35  # the project's goal, not a measurement
     bus_gbs: float = 350.0  # per-GPU collective bandwidth, GB/s (NCCL all-gather bus bandwidth, 8xH100 NVLink)
     fused_adam: bool = True  # torch fused AdamW on GPU; unfused (CPU) makes one more fp32 temporary at the step
-    prefetch_params: float = 5e7  # stage3_prefetch_bucket_size in ds_configs/student_zero3.json
+    # stage3_max_live_parameters: not set in ds_configs/, so DeepSpeed's default. It, not the prefetch bucket,
+    # bounds how many parameters ZeRO-3 holds whole at once (see gathered_params).
+    max_live_params: float = 1e9
 
     @property
     def world(self) -> int:
@@ -195,10 +197,23 @@ def zero3_traffic(n_student: int, n_teacher: int, world: int, p: int, grad_accum
     return {"student": student, "teacher": teacher, "total": student + teacher}
 
 
+def gathered_params(traced: int, largest: int, max_live: float) -> float:
+    """Parameters ZeRO-3 holds whole at once in a forward, a bound (tests/test_plan.py): once the trace is
+    recorded, every submodule call (containers and norms too) prefetches another stage3_prefetch_bucket_size
+    of upcoming parameters, at least one, so the prefetcher runs ahead by more parameters every layer until
+    stage3_max_live_parameters are live (the bucket bounds one batch, not the total), admitting one past the
+    limit: min(max_live + largest, parameters in the forward's trace). OLMo2-7B reaches the cap within a few
+    layers; the 7B-wide 2-layer rehearsal (bench/rehearse_7b_wide.py) gathered its whole body (0.40 B)."""
+    return min(max_live + largest, traced)
+
+
 def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, p: int) -> dict:
-    """Peak bytes per GPU of one recovery arm, by part; `total_live` adds the live teacher's shard."""
+    """Peak bytes per GPU of one recovery arm, by part; `total_live` adds the live teacher's shard. Gathered:
+    the student's live parameters (gathered_params) + one full gradient before its reduce-scatter; the
+    teacher's body in its forward, or its LM head while the loss runs (not in the engine's forward)."""
     tr = cfg.train
     ckpt = tr.gradient_checkpointing
+    t_head = 0 if t.tied else t.vocab * t.hidden
     max_tokens = lengths["kl"]["max_tokens"]
     positions = tr.micro_batch_size * (max_tokens if tr.positions == "all" else 1)
     act = activation_bytes(s, tr.micro_batch_size * max_tokens, positions, p, tr.chunk_size, ckpt)
@@ -206,11 +221,11 @@ def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, 
     parts = {
         "model_states": states["peak"],
         "model_states_steady": states["steady"],
-        "gathered": p * (2 * s.largest_module() + hw.prefetch_params),  # param + its full grad, + prefetch
+        "gathered": p * (gathered_params(s.params(), s.largest_module(), hw.max_live_params) + s.largest_module()),
         "activations": act["layers"],
         "loss_chunk": act["loss_chunk"],
         "teacher_shard": p * t.params() / hw.world,
-        "teacher_gathered": p * (t.largest_module() + hw.prefetch_params),
+        "teacher_gathered": p * max(gathered_params(t.params() - t_head, t.largest_module(), hw.max_live_params), t_head),
     }
     base = parts["model_states"] + parts["gathered"] + parts["activations"] + parts["loss_chunk"]
     parts["total_cache"] = base
@@ -344,10 +359,10 @@ def render_markdown(plan: dict) -> str:
         f"{plan['tokens_per_epoch']['kl'] / 1e6:.3f} M |",
         f"| per GPU: model states (peak at the optimizer step; steady {_g(m['model_states_steady'])}) | "
         f"{_g(m['model_states'])} |",
-        f"| per GPU: gathered largest layer (param + grad) + prefetch bucket | {_g(m['gathered'])} |",
+        f"| per GPU: gathered parameters (up to stage3_max_live_parameters) + one gradient | {_g(m['gathered'])} |",
         f"| per GPU: activations (micro-batch {a['micro_batch']} x {tok['kl']['max_tokens']} tokens) + loss chunk | "
         f"{_g(m['activations'])} + {_g(m['loss_chunk'])} |",
-        f"| per GPU: live teacher shard + gathered layer | {_g(m['teacher_shard'])} + {_g(m['teacher_gathered'])} |",
+        f"| per GPU: live teacher shard + gathered parameters | {_g(m['teacher_shard'])} + {_g(m['teacher_gathered'])} |",
         f"| per GPU total: cached / live teacher | {_g(m['total_cache'])} / {_g(m['total_live'])} |",
     ]
     for src in ("cache", "live"):

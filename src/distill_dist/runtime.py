@@ -47,6 +47,8 @@ class Runtime:
 
 
 _RUNTIME: Runtime | None = None
+if not torch.cuda.is_available():  # say it, so DeepSpeed does not warn on every rank that it "was unable to detect" a GPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 _SOLO_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _SET_BY_US: list[str] = []
 
@@ -71,8 +73,6 @@ def init(timeout_minutes: float = 10.0) -> Runtime:
         _SET_BY_US[:] = [k for k in _SOLO_ENV if k not in os.environ]
         os.environ.update({k: solo[k] for k in _SET_BY_US})
     cuda = torch.cuda.is_available()
-    if not cuda:  # say it, so DeepSpeed does not warn on every rank that it "was unable to detect" a GPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     state = PartialState(cpu=not cuda, timeout=datetime.timedelta(minutes=timeout_minutes))
     if cuda:
         torch.cuda.set_device(state.device)
