@@ -163,7 +163,7 @@ def run_cache_teacher(cfg: RunConfig, verify: bool = False) -> dict | None:
         return runtime.decide_on_main(lambda: verify_cache(out))
     tok, fp, vocab, examples, n_shards = runtime.decide_on_main(lambda: _prepare(cfg))
     fp_sha = sha256_bytes(canonical_json(fp).encode())
-    done = runtime.agree(lambda: _existing_manifest(out, fp, fp_sha, n_shards))
+    done = runtime.agree(lambda: _existing_manifest(out, fp, fp_sha))
     if done is not None:
         return done
     wanted = [cfg.teacher.shard] if cfg.teacher.shard is not None else list(range(n_shards))
@@ -173,7 +173,7 @@ def run_cache_teacher(cfg: RunConfig, verify: bool = False) -> dict | None:
     return runtime.decide_on_main(lambda: finalize(out, n_shards, fp, fp_sha, vocab, len(examples), cfg.teacher.format))
 
 
-def _existing_manifest(out: Path, fp: dict, fp_sha: str, n_shards: int) -> dict | None:
+def _existing_manifest(out: Path, fp: dict, fp_sha: str) -> dict | None:
     if not (out / MANIFEST).is_file():
         out.mkdir(parents=True, exist_ok=True)
         return None

@@ -91,9 +91,9 @@ def check_resumable(root: Path) -> int:
     return runtime.agree(check)
 
 
-def resume(engine, root: Path) -> int:
-    """Load the last complete checkpoint into `engine` and this rank's RNG; returns its step (0 = none)."""
-    step = check_resumable(root)
+def resume(engine, root: Path, step: int) -> int:
+    """Load the last complete checkpoint (`step`, as `check_resumable` agreed) into `engine` and this rank's
+    RNG; returns the step it holds (0 = fresh start)."""
     if step == 0:
         return 0
     tag_dir, _ = latest(root)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .config import RunConfig, load_config, require_local_or_hub, to_yaml
 from .errors import ConfigError, UserError
-from .fileio import atomic_write_text, checkpoint_fingerprint, dir_bytes
+from .fileio import atomic_write_text
 
 EXIT_USER_ERROR = 2
 
@@ -49,57 +48,23 @@ def cmd_eval(cfg: RunConfig) -> dict | None:
     import torch
 
     from . import runtime
-    from .data import load_split
-    from .evaluate import evaluate, write_eval
-    from .models import load_causal_lm, load_tokenizer
+    from .evaluate import evaluate_checkpoint
 
     model_path = cfg.eval.model or cfg.model.path
     require_local_or_hub(model_path, "eval.model" if cfg.eval.model else "model.path")
     rt = runtime.init(cfg.train.pg_timeout_minutes)
-    rank, world_size = rt.rank, rt.world_size
     device = torch.device("cpu") if cfg.eval.device == "cpu" else rt.device
     if cfg.eval.device == "cuda" and device.type != "cuda":
         raise ConfigError("config field 'eval.device' = 'cuda': no CUDA device is visible")
-    tok = load_tokenizer(cfg.model.tokenizer or model_path)
-    ds = load_split(cfg.data, cfg.eval.split)
-    if cfg.eval.limit:
-        ds = ds.select(range(min(cfg.eval.limit, len(ds))))
-    model = load_causal_lm(model_path, cfg.model.dtype, device)
-    t0 = time.time()
-    metrics, per_example = evaluate(model, tok, ds, cfg.eval.batch_size, cfg.data.max_length, device,
-                                    cfg.data.add_bos)
-    wall = time.time() - t0
-    if rank != 0:
-        return None
-    local = Path(model_path).is_dir()
-    meta = {
-        "split": cfg.eval.split,
-        "data": {"source": cfg.data.source, "path": cfg.data.path},
-        "model": {
-            "path": model_path,
-            "fingerprint": checkpoint_fingerprint(model_path) if local else None,
-            "params": sum(p.numel() for p in model.parameters()),
-            "bytes_on_disk": dir_bytes(model_path) if local else None,
-            "intermediate_size": model.config.intermediate_size,
-            "pruning_plan_sha256": _plan_sha(model_path),
-        },
-        "world_size": world_size,
-        "device": str(device),
-        "wall_s": wall,
-    }
     out_dir = Path(cfg.eval.output_dir or Path(cfg.output_dir) / "eval" / Path(model_path).name)
-    out = write_eval(out_dir, metrics, per_example, meta)
+    m, meta = evaluate_checkpoint(cfg, model_path, out_dir, device)
+    if not rt.is_main:
+        return None
     _save_config(cfg, out_dir, "config.yaml")
-    m = metrics
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"{cfg.eval.split}: n={m['n']} acc={fmt(m['acc'])} nll={fmt(m['nll'])} brier={fmt(m['brier'])} "
-          f"ece={fmt(m['ece'])} entropy={fmt(m['entropy'])} ({wall:.1f}s) -> {out}")
-    return {"metrics": metrics, **meta}
-
-
-def _plan_sha(path: str) -> str | None:
-    p = Path(path) / "pruning_plan.json"
-    return json.loads(p.read_text()).get("plan_sha256") if p.is_file() else None
+          f"ece={fmt(m['ece'])} entropy={fmt(m['entropy'])} ({meta['wall_s']:.1f}s) -> {out_dir / 'eval.json'}")
+    return {"metrics": m, **meta}
 
 
 # ---------------------------------------------------------------- train

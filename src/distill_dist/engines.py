@@ -172,10 +172,6 @@ def teacher_engine(teacher_dir: str, cfg: RunConfig):
     return engine
 
 
-def teacher_head_weight(engine) -> torch.nn.Parameter:
-    return engine.module.lm.lm_head.weight
-
-
 # ---------------------------------------------------------------- export
 
 def export_student(engine, tok, student_dir: str, out: Path, max_shard_mb: int) -> None:

@@ -6,7 +6,7 @@ split of the joint encoding, its BOS rule; `build_requests`: its left truncation
 continuation is one token (OLMo2: " A"; Llama/sentencepiece: the bare "A" after ":") one forward per
 question suffices, otherwise each choice gets its own sequence. Only the positions that score a target
 go through `lm_head`, so a 100k-wide vocabulary costs five rows per question, not the whole sequence.
-With several ranks, each scores a strided slice of the questions and rank 0 gathers them.
+With several ranks, each scores its share of the questions and rank 0 gathers them.
 """
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import LABELS, PROMPT_VERSION, collate, encode_choices, format_prompt
+import json
+import time
+
 from . import runtime
-from .fileio import atomic_write_json, atomic_write_jsonl
+from .data import LABELS, PROMPT_VERSION, collate, encode_choices, format_prompt, load_split
+from .fileio import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, dir_bytes
 
 ECE_BINS = 15
 
@@ -144,3 +147,38 @@ def write_eval(out_dir: str | Path, metrics: dict, per_example: list[dict], meta
     atomic_write_jsonl(out_dir / "examples.jsonl", per_example)
     atomic_write_json(out_dir / "eval.json", {"metrics": metrics, "prompt_version": PROMPT_VERSION, **meta})
     return out_dir / "eval.json"
+
+
+def evaluate_checkpoint(cfg, model_path: str, out_dir: str | Path, device, progress: bool = True) -> tuple[dict, dict]:
+    """Score a checkpoint on `cfg.eval.split` (questions shared across ranks); rank 0 writes eval.json and
+    examples.jsonl. Used by `distill-dist eval` and by the recipe on its exported student."""
+    from .models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer or model_path)
+    ds = load_split(cfg.data, cfg.eval.split)
+    if cfg.eval.limit:
+        ds = ds.select(range(min(cfg.eval.limit, len(ds))))
+    model = load_causal_lm(model_path, cfg.model.dtype, device)
+    t0 = time.time()
+    metrics, per_example = evaluate(model, tok, ds, cfg.eval.batch_size, cfg.data.max_length, device,
+                                    cfg.data.add_bos, progress)
+    local = Path(model_path).is_dir()
+    plan = Path(model_path) / "pruning_plan.json"
+    meta = {
+        "split": cfg.eval.split,
+        "data": {"source": cfg.data.source, "path": cfg.data.path},
+        "model": {
+            "path": str(model_path),
+            "fingerprint": checkpoint_fingerprint(model_path) if local else None,
+            "params": sum(p.numel() for p in model.parameters()),
+            "bytes_on_disk": dir_bytes(model_path) if local else None,
+            "intermediate_size": model.config.intermediate_size,
+            "pruning_plan_sha256": json.loads(plan.read_text()).get("plan_sha256") if plan.is_file() else None,
+        },
+        "world_size": runtime.get().world_size if runtime.initialized() else 1,
+        "device": str(device),
+        "wall_s": time.time() - t0,
+    }
+    if not runtime.initialized() or runtime.get().is_main:
+        write_eval(out_dir, metrics, per_example, meta)
+    return metrics, meta

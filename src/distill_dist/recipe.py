@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from . import checkpoint, engines, runtime, signals
 from .config import RunConfig, to_yaml
 from .data import PROMPT_VERSION, build_train_examples, collate, load_split
+from .evaluate import evaluate_checkpoint
 from .errors import ConfigError, UserError
-from .fileio import atomic_write_json, atomic_write_text, checkpoint_fingerprint
+from .fileio import atomic_write_json, atomic_write_text
 from .losses import LossSpec
 from .models import load_tokenizer
 from .prune import load_plan
@@ -77,11 +78,11 @@ class RecoveryRecipe:
         runtime.agree(self._check_batch)
         self.teacher = open_teacher_targets(cfg, self.spec, self.plan, self.tok, self.examples, self.student_dir)
         self.meta = self._run_meta()
-        resuming = checkpoint.check_resumable(self.ckpt_root) > 0  # refuses another world size on every rank
-        runtime.agree(lambda: self._check_same_run(resuming))
+        resume_step = checkpoint.check_resumable(self.ckpt_root)  # refuses another world size on every rank
+        runtime.agree(lambda: self._check_same_run(resume_step > 0))
         self.engine = engines.student_engine(self.student_dir, cfg, self.spec)
         engines.write_sharding_report(self.run_dir, self.engine, getattr(self.teacher, "engine", None))
-        self.start_step = checkpoint.resume(self.engine, self.ckpt_root)
+        self.start_step = checkpoint.resume(self.engine, self.ckpt_root, resume_step)
         if self.rt.is_main:
             atomic_write_json(self.run_dir / "run_meta.json", self.meta)
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
@@ -207,32 +208,13 @@ class RecoveryRecipe:
         engines.export_student(self.engine, self.tok, self.student_dir, final_dir, self.cfg.prune.max_shard_mb)
         result = {"run_dir": str(self.run_dir), "final": str(final_dir), **self.meta}
         if self.tr.eval_after:
-            result["eval"] = evaluate_checkpoint(self.cfg, final_dir, self.run_dir / "eval")
+            result["eval"] = evaluate_checkpoint(self.cfg, str(final_dir), self.run_dir / "eval", self.rt.device,
+                                                 progress=False)[0]
         if self.rt.is_main:
             atomic_write_json(self.run_dir / DONE_FILE, result)
             print(f"{self.tr.arm} recovery done: {self.run_dir}")
         runtime.barrier()
         return result
-
-
-def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, out_dir: Path) -> dict:
-    """The evaluator on an exported checkpoint: a plain model per rank, questions split across ranks."""
-    from .evaluate import evaluate, write_eval
-    from .models import load_causal_lm
-
-    rt = runtime.get()
-    tok = load_tokenizer(str(model_dir))
-    ds = load_split(cfg.data, cfg.eval.split)
-    if cfg.eval.limit:
-        ds = ds.select(range(min(cfg.eval.limit, len(ds))))
-    model = load_causal_lm(str(model_dir), cfg.model.dtype, rt.device)
-    metrics, per_example = evaluate(model, tok, ds, cfg.eval.batch_size, cfg.data.max_length, rt.device,
-                                    cfg.data.add_bos, progress=False)
-    if rt.is_main:
-        write_eval(out_dir, metrics, per_example, {
-            "split": cfg.eval.split, "model": {"path": str(model_dir), "fingerprint": checkpoint_fingerprint(model_dir),
-                                               "params": sum(p.numel() for p in model.parameters())}})
-    return metrics
 
 
 def _peak_memory_bytes(device) -> int:

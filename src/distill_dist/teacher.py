@@ -24,7 +24,7 @@ from . import runtime
 from .config import RunConfig
 from .data import PROMPT_VERSION, load_split
 from .errors import ConfigError, UserError
-from .fileio import canonical_json, checkpoint_fingerprint, sha256_bytes
+from .fileio import canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .losses import DenseTeacher, LossSpec
 from .prune import read_model_config
 from .sparse_targets import sparse_teacher, unpack_entries
@@ -150,8 +150,6 @@ class TeacherCache:
 
 
 def _read_shard(path: Path, entry: dict, verify: bool) -> dict[str, dict]:
-    from .fileio import sha256_file
-
     if not path.is_file():
         raise CacheError(f"{path}: shard missing from the cache")
     if "bytes" in entry and path.stat().st_size != entry["bytes"]:
