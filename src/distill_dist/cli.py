@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         install_stop_handlers()
     quiet_third_party_warnings()
 
+    clean = False  # a rank-symmetric refusal, like a success, leaves the process group on every rank
     try:
         overrides = (DEMO_DEFAULTS if args.command == "demo" else []) + [o for o in args.overrides if "=" in o]
         positional = [o for o in args.overrides if "=" not in o]
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"distill-dist: error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", EXIT_USER_ERROR)
+        clean = getattr(e, "symmetric", False)
     except Preempted:
         code = EXIT_PREEMPTED
     except KeyboardInterrupt:
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     runtime = sys.modules.get("distill_dist.runtime")  # never imported (torch and all) just to shut down
     if runtime is not None:
-        runtime.shutdown(clean=code in (0, EXIT_PREEMPTED))
+        runtime.shutdown(clean=clean or code in (0, EXIT_PREEMPTED))
     if args.command in ("train", "cache-teacher"):
         ignore_further_notices()
     return code
@@ -237,5 +240,14 @@ def _write_done_marker(command: str) -> None:
     atomic_write_json(path, {"command": command, "finished_unix": int(time.time())})
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # how torchrun / srun start every rank
+    from .signals import EXIT_PREEMPTED
+
+    exit_code = main()
+    if exit_code not in (0, EXIT_PREEMPTED):
+        # After an error, gloo's worker threads can still be alive at interpreter teardown and abort the
+        # process ("terminate called without an active exception", pytorch/pytorch#190489), replacing the
+        # status the error line announced. Everything is written and printed by now: leave without teardown.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

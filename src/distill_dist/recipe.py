@@ -36,6 +36,7 @@ DONE_FILE = "done.json"
 
 class TrainingDiverged(UserError):
     exit_code = 3
+    symmetric = True  # decided by an all-reduce: every rank raises it at the same step
 
 
 def global_batch(n_examples: int, step: int, size: int, seed: int) -> list[int]:

@@ -178,7 +178,9 @@ def _raise_first(errors: list) -> None:
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         cls, message = first
-        raise cls(message)
+        error = cls(message)
+        error.symmetric = True  # raised on every rank at the same point: the CLI may leave the group cleanly
+        raise error
 
 
 def agree(check: Callable[[], T]) -> T:
@@ -209,7 +211,7 @@ def _forget_deepspeed_groups() -> None:
 
 
 def shutdown(clean: bool) -> None:
-    """Leave the process group after a clean finish or a checkpointed stop: a process that exits with
+    """Leave the process group after a clean finish, a checkpointed stop or a rank-symmetric refusal: a process that exits with
     gloo's worker threads alive aborts in teardown ("terminate called without an active exception",
     pytorch/pytorch#190489). After an error peers may be inside a collective where a destroy can hang;
     then the process just exits with its status."""
