@@ -87,13 +87,13 @@ def size_and_throughput(shared: Path, tmp: Path) -> None:
     payload = [bytes_per_position(pack_entries(e)) for e in (hybrid_entries(probe, 1.0, 32, 64, torch.Generator()),
                                                              topk_bucket_entries(probe, 1.0, 64))]
     print(f"\n## 1. Size (OLMo2 vocab {OLMO2_VOCAB}, float16 values, 3-byte ids, CSQA train, answer positions)")
-    print("| format | samples | positions | MB | entries B/position | file B/position (+ per-sample offsets, ids) |")
+    print("| format | samples | positions | MB | entries B/position | file B/position (+ offsets, headers) |")
     print("|---|---|---|---|---|---|")
     for (name, (m, _, _)), entry_bytes in zip(results.items(), payload):
         print(f"| {name} | {m['num_samples']} | {m['num_positions']} | {m['bytes'] / 1e6:.2f} | {entry_bytes:.0f} | "
               f"**{m['bytes_per_position']:.0f}** |")
     print(f"(dense bf16 logits: {OLMO2_VOCAB * 2 / 1e3:.0f} KB per position; goal <= 400 B; at answer positions "
-          "each position carries a whole sample's offset and id)")
+          "each position also carries its sample's 4-byte offset)")
 
     rows = build_train_examples(tok, load_split(load_config(None, base).data, "train"), "kl", "answer", 256)
     teacher = load_causal_lm(str(tmp / "olmo2"))
@@ -218,7 +218,9 @@ def training_cost(shared: Path, tmp: Path, steps: int) -> None:
         res[name] = (quartiles([x["step_time_s"] for x in m]), max(x["peak_memory_bytes"] for x in m))
     tok = load_tokenizer(str(src))
     rows = build_train_examples(tok, load_split(load_config(None, base).data, "train"), "kl", "answer", 256)
-    supplier = CachedTeacher(TeacherCache.open(tmp / "cache"), torch.device("cpu"))
+    cache = TeacherCache.open(tmp / "cache")
+    cache.check(cache.manifest["fingerprint"], [r["id"] for r in rows], [r["id"] for r in rows])
+    supplier = CachedTeacher(cache, torch.device("cpu"))
     reads = []
     for i in range(50):
         step_rows = rows[i * MICRO:(i + 1) * MICRO]

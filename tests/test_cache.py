@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from distill_dist import cli
 from distill_dist.config import TinyModelConfig, load_config
+from distill_dist.fileio import sha256_file
 from distill_dist.data import build_train_examples, collate, load_split
 from distill_dist.losses import DenseTeacher, LossSpec, fused_linear_loss
 from distill_dist.models import build_tiny_model, load_causal_lm
@@ -64,9 +66,11 @@ def cache(env, name, *extra) -> Path:
     return out
 
 
-def stored(cache_dir: Path, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """The rows' entries as the reader returns them, ids unpacked."""
-    return unpack_entries(TeacherCache.open(cache_dir).entries(rows))
+def stored(cache_dir: Path, rows: list[dict], split: list[dict]) -> dict[str, torch.Tensor]:
+    """The rows' entries as the reader returns them (bound to the full training split `split`), ids unpacked."""
+    c = TeacherCache.open(cache_dir)
+    c.check(c.manifest["fingerprint"], [r["id"] for r in rows], [r["id"] for r in split])
+    return unpack_entries(c.entries(rows))
 
 
 def teacher_logp(env, rows: list[dict]) -> torch.Tensor:
@@ -94,7 +98,7 @@ def test_round_trip_matches_the_teacher(env, fmt):
     assert manifest["num_samples"] == N_TRAIN and manifest["num_shards"] == N_SHARDS
     assert manifest["fingerprint"]["format"] == fmt and manifest["fingerprint"]["top_k"] == k
     rows = [env["rows"][0], env["rows"][N_TRAIN - 3]]  # first and last shard
-    e, logp = stored(out, rows), teacher_logp(env, rows)
+    e, logp = stored(out, rows, env["rows"]), teacher_logp(env, rows)
     ref_v, _ = logp.topk(k, -1)
     # the stored ids carry the teacher's exact top-k log-probs, largest first (robust to exact ties)
     torch.testing.assert_close(e["logprobs"].double(), ref_v, atol=1e-5, rtol=0)
@@ -109,7 +113,7 @@ def test_round_trip_matches_the_teacher(env, fmt):
         return
     ref_entropy = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(e["entropy"].double(), ref_entropy, atol=1e-4, rtol=0)
-    every = stored(out, env["rows"])  # all positions of the split: no draw lands in the top-k
+    every = stored(out, env["rows"], env["rows"])  # all positions of the split: no draw lands in the top-k
     assert every["draw_ids"].shape == (len(every["ids"]), 64)
     assert not (every["draw_ids"][:, :, None] == every["ids"][:, None, :]).any()
     assert len(every["draw_ids"].unique()) > 4 * k  # spread over the tail, not stuck on a few ids
@@ -127,7 +131,7 @@ def test_draws_depend_on_the_seed_and_sample_only(env):
                (("small_8", (8,)), ("small_3", (3,)), ("small_8_seed1", (8, "teacher.seed=1"))))
     cfg = load_config(None, env["base"] + [f"data.path={env['small']}"])
     rows = build_train_examples(env["tok"], load_split(cfg.data, "train"), "kl", "all", 64)
-    ea, eb, ec = (stored(d, rows) for d in (a, b, c))
+    ea, eb, ec = (stored(d, rows, rows) for d in (a, b, c))
     assert all(torch.equal(ea[key], eb[key]) for key in ea)
     assert all(torch.equal(ea[key], ec[key]) for key in ea if key != "draw_ids")
     assert (ea["draw_ids"] == ec["draw_ids"]).float().mean() < 0.5
@@ -150,6 +154,26 @@ def test_sharded_and_resumed_equals_one_shot_byte_for_byte(env):
     assert "draw_ids" in load_file(one / names[0])  # the default format: draws included in the comparison
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, parts))
     assert a["fingerprint_sha256"] == b["fingerprint_sha256"] and a["shards"] == b["shards"]
+
+
+def test_caches_with_ids_in_their_headers_stay_readable(env, tmp_path):
+    """The earlier layout stored each shard's sample ids in its header; the reader still binds rows by them."""
+    src, old = cache(env, "one_shot"), tmp_path / "ids_in_header"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for i, entry in enumerate(manifest["shards"]):
+        path = old / entry["file"]
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        first, n = int(meta.pop("first_sample")), int(meta.pop("num_samples"))
+        meta.pop("sample_ids_sha256")
+        ids = [r["id"] for r in env["rows"][first: first + n]]
+        save_file({**tensors, "offsets": tensors["offsets"].long()}, str(path), {**meta, "sample_ids": json.dumps(ids)})
+        entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rows = env["rows"][::7]
+    a, b = stored(src, rows, env["rows"]), stored(old, rows, [])  # no split needed: the header names the rows
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bytes_per_position(env):
@@ -210,8 +234,13 @@ def test_damaged_or_incomplete_caches_are_refused(env, tmp_path, capsys):
     assert "every shard matches its sha256" in capsys.readouterr().out
 
     c = TeacherCache.open(src)
+    split = [r["id"] for r in env["rows"]]
     with pytest.raises(CacheError, match="lacks 1 training samples"):
-        c.check(c.manifest["fingerprint"], [env["rows"][0]["id"], "not-a-sample"])
+        c.check(c.manifest["fingerprint"], [split[0], "not-a-sample"], split)
+    swapped = split[:]
+    swapped[0], swapped[-1] = swapped[-1], swapped[0]  # the same ids in another order: rows would be mismatched
+    with pytest.raises(CacheError, match=r"shard-00000-of-00004.safetensors: written for training samples 0\.\.9 "):
+        c.check(c.manifest["fingerprint"], split, swapped)
     incomplete = tmp_path / "incomplete"
     shutil.copytree(src, incomplete)
     (incomplete / "manifest.json").unlink()
@@ -247,6 +276,7 @@ def full_cache(env, fmt: str) -> Path:
 def test_full_vocab_cache_loss_equals_live_fused_loss(env, fmt):
     c = TeacherCache.open(full_cache(env, fmt))
     rows = env["rows"][:6]
+    c.check(c.manifest["fingerprint"], [r["id"] for r in rows], [r["id"] for r in env["rows"]])
     b = collate(rows, env["tok"].pad_token_id, "cpu")
     teacher, student = (load_causal_lm(str(env["root"] / d)) for d in ("teacher", "pruned"))
     spec = LossSpec("kl")

@@ -32,7 +32,8 @@ from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, s
 from .models import DTYPES, load_tokenizer
 from .prune import ShardWriter, read_model_config
 from .sparse_targets import hybrid_entries, pack_entries, sample_generator, topk_bucket_entries
-from .teacher import MANIFEST, CacheError, LiveTeacher, expected_fingerprint, fingerprint_diff, shard_name, sidecar
+from .teacher import (MANIFEST, CacheError, LiveTeacher, expected_fingerprint, fingerprint_diff, shard_name, sidecar,
+                      split_ids_sha256)
 
 FORMAT_NAMES = {"topk_bucket": "distill_dist.teacher_cache/v1", "hybrid": "distill_dist.teacher_cache/v2"}
 
@@ -49,15 +50,20 @@ def shard_complete(path: Path, fp_sha: str) -> bool:
     return meta.get("fingerprint_sha256") == fp_sha and meta.get("bytes") == path.stat().st_size
 
 
-def _write_shard(out: Path, i: int, n: int, rows: list[dict], parts: list[dict], dtype: str, fp_sha: str) -> None:
+def _write_shard(out: Path, i: int, n: int, first: int, rows: list[dict], parts: list[dict], dtype: str,
+                 fp_sha: str) -> None:
+    """Shard i of n: rows first.. of the full training split. The header names that slice and hashes its
+    ids (the reader binds rows by split index; the fingerprint pins the split), so no id is stored per
+    row: at answer positions (one per sample) ids in the header cost ~40 B/position."""
     stored = pack_entries({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, DTYPES[dtype])
-    stored["offsets"] = torch.tensor([0] + [len(r["positions"]) for r in rows], dtype=torch.int64).cumsum(0)
+    stored["offsets"] = torch.tensor([0] + [len(r["positions"]) for r in rows], dtype=torch.int64).cumsum(0).int()
     path = out / shard_name(i, n)
     # Our own writer, not safetensors.save_file: its metadata order varies between processes, and a
     # resumed cache must equal a one-shot one byte for byte. It writes .tmp and renames.
     tensors = {k: stored[k].contiguous() for k in sorted(stored)}
     writer = ShardWriter(out, [(k, t.dtype, list(t.shape)) for k, t in tensors.items()], 1 << 62, names=[path.name],
-                         metadata={"fingerprint_sha256": fp_sha, "sample_ids": json.dumps([r["id"] for r in rows])})
+                         metadata={"fingerprint_sha256": fp_sha, "first_sample": str(first), "num_samples": str(len(rows)),
+                                   "sample_ids_sha256": split_ids_sha256([r["id"] for r in rows])})
     for k, t in tensors.items():
         writer.write(k, t)
     writer.finish()
@@ -134,10 +140,14 @@ def _num_shards(cfg: RunConfig, n_examples: int) -> int:
     return n_shards
 
 
+def shard_start(n_examples: int, i: int, n_shards: int) -> int:
+    """Where shard i's contiguous slice begins; sizes differ by at most one, so no shard is empty."""
+    return i * n_examples // n_shards
+
+
 def shard_rows(examples: list, i: int, n_shards: int) -> list:
-    """Shard i's contiguous slice; sizes differ by at most one, so no shard is empty."""
     n = len(examples)
-    return examples[i * n // n_shards: (i + 1) * n // n_shards]
+    return examples[shard_start(n, i, n_shards): shard_start(n, i + 1, n_shards)]
 
 
 def _prepare(cfg: RunConfig):
@@ -209,7 +219,8 @@ def _compute_shards(cfg, tok, examples, mine: list[int], n_shards: int, out: Pat
         positions += len(batch["rows"])
         if sum(len(r) for r, _ in results[shard_i]) == len(shards[shard_i]):
             done = results.pop(shard_i)
-            _write_shard(out, shard_i, n_shards, [r for rs, _ in done for r in rs], [e for _, e in done], tc.dtype, fp_sha)
+            _write_shard(out, shard_i, n_shards, shard_start(len(examples), shard_i, n_shards),
+                         [r for rs, _ in done for r in rs], [e for _, e in done], tc.dtype, fp_sha)
             if rt.world_size == 1 and signals.stop_requested():  # complete shards stay, the rest is redone
                 print(f"stop signal: shard {shard_i} written; exiting with {signals.EXIT_PREEMPTED} for requeue")
                 raise signals.Preempted()

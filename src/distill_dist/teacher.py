@@ -59,13 +59,17 @@ def data_hash(ds) -> str:
     return sha256_bytes(canonical_json(rows).encode())
 
 
+def split_ids_sha256(ids: list[str]) -> str:
+    return sha256_bytes(canonical_json(ids).encode())
+
+
 def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_train=None) -> dict:
     """Everything the cached values depend on. `full_train` is the unsubsampled train split."""
     if full_train is None:
         full_train = load_split(replace(cfg.data, train_examples=None), "train")
     tc = cfg.teacher
     fp = {"teacher": teacher_fingerprint, "tokenizer": tokenizer_hash(tok), "data": data_hash(full_train),
-          "sample_ids": sha256_bytes(canonical_json(list(full_train["id"])).encode()),
+          "sample_ids": split_ids_sha256(list(full_train["id"])),
           "prompt_version": PROMPT_VERSION, "max_length": cfg.data.max_length, "add_bos": cfg.data.add_bos,
           "positions": cfg.train.positions, "top_k": tc.top_k, "dtype": tc.dtype,
           "temperature": cfg.train.temperature, "format": tc.format}
@@ -102,11 +106,17 @@ class LiveTeacher:
 # ---------------------------------------------------------------- cache
 
 class TeacherCache:
-    """The cache as the KL arm reads it: shards checked by size and header (full sha256 on demand),
-    rows looked up by sample id."""
+    """The cache as the KL arm reads it: shards checked by size and header (full sha256 on demand), rows
+    looked up by sample id once `check` has matched the run and bound the rows to the training split.
 
-    def __init__(self, root: Path, manifest: dict, by_id: dict[str, dict]):
-        self.root, self.manifest, self._by_id = root, manifest, by_id
+    A shard holds a contiguous slice of the full training split; its header names the slice (first
+    sample, count, sha256 of the slice's ids), so no id is stored per row. Caches written before this
+    layout carry the ids themselves in the header and are read as they are.
+    """
+
+    def __init__(self, root: Path, manifest: dict, shards: list[dict]):
+        self.root, self.manifest, self._shards = root, manifest, shards
+        self._by_id: dict[str, dict] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -124,22 +134,25 @@ class TeacherCache:
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("format") not in CACHE_FORMATS:
             raise CacheError(f"{root / MANIFEST}: format {manifest.get('format')!r}, expected one of {sorted(CACHE_FORMATS)}")
-        by_id: dict[str, dict] = {}
-        for s in manifest["shards"]:
-            by_id.update(_read_shard(root / s["file"], s, verify))
-        return cls(root, manifest, by_id)
+        return cls(root, manifest, [_read_shard(root / s["file"], s, verify) for s in manifest["shards"]])
 
-    def check(self, expected: dict, sample_ids: list[str]) -> None:
-        """Refuse a cache made for another teacher / tokenizer / data / prompt / k / dtype / temperature."""
+    def check(self, expected: dict, sample_ids: list[str], split_ids: list[str]) -> None:
+        """Refuse a cache made for another teacher / tokenizer / data / prompt / k / dtype / temperature,
+        then bind its rows to `split_ids` (the full training split, in order) and refuse missing samples."""
         if self.manifest["fingerprint"] != expected:
             raise CacheError(f"teacher cache {self.root} does not match this run: "
                              f"{fingerprint_diff(self.manifest['fingerprint'], expected)}")
+        self._by_id = {}
+        for shard in self._shards:
+            self._by_id.update(_rows_by_id(shard, split_ids))
         missing = [s for s in sample_ids if s not in self._by_id]
         if missing:
             raise CacheError(f"teacher cache {self.root} lacks {len(missing)} training samples (e.g. {missing[0]})")
 
     def entries(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The stored entries of the rows' positions, concatenated in collate order."""
+        if self._by_id is None:
+            raise RuntimeError("TeacherCache.entries before check(): rows are not bound to the training split")
         parts = [self._by_id[r["id"]] for r in rows]
         for r, p in zip(rows, parts):
             n = next(iter(p.values())).shape[0]
@@ -149,7 +162,8 @@ class TeacherCache:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _read_shard(path: Path, entry: dict, verify: bool) -> dict[str, dict]:
+def _read_shard(path: Path, entry: dict, verify: bool) -> dict:
+    """{path, meta, stored tensors, offsets}: size checked against the manifest, sha256 with --verify."""
     if not path.is_file():
         raise CacheError(f"{path}: shard missing from the cache")
     if "bytes" in entry and path.stat().st_size != entry["bytes"]:
@@ -159,11 +173,24 @@ def _read_shard(path: Path, entry: dict, verify: bool) -> dict[str, dict]:
         raise CacheError(f"{path}: checksum mismatch (corrupt shard); delete it and re-run cache-teacher")
     try:
         with safe_open(str(path), "pt") as f:
-            ids = json.loads(f.metadata()["sample_ids"])
+            meta = f.metadata()
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CacheError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); delete it and re-run cache-teacher") from None
-    off = stored.pop("offsets")
+    return {"path": path, "meta": meta, "offsets": stored.pop("offsets"), "stored": stored}
+
+
+def _rows_by_id(shard: dict, split_ids: list[str]) -> dict[str, dict]:
+    meta, path = shard["meta"], shard["path"]
+    if "sample_ids" in meta:  # the earlier layout: ids in the header
+        ids = json.loads(meta["sample_ids"])
+    else:
+        first, n = int(meta["first_sample"]), int(meta["num_samples"])
+        ids = split_ids[first: first + n]
+        if len(ids) != n or split_ids_sha256(ids) != meta["sample_ids_sha256"]:
+            raise CacheError(f"{path}: written for training samples {first}..{first + n - 1} of another split "
+                             "(their ids differ); re-run cache-teacher into a new teacher.cache_dir")
+    off, stored = shard["offsets"], shard["stored"]
     return {sid: {k: t[int(off[j]): int(off[j + 1])] for k, t in stored.items()} for j, sid in enumerate(ids)}
 
 
@@ -205,7 +232,8 @@ def open_teacher_targets(cfg: RunConfig, spec: LossSpec, plan: dict, tok, exampl
             if cache.vocab_size != s_vocab:
                 raise ConfigError(f"teacher cache vocab_size {cache.vocab_size} != student vocab_size {s_vocab}: "
                                   "distillation needs the same vocabulary")
-            cache.check(expected_fingerprint(cfg, root_fp, tok), [r["id"] for r in examples])
+            full = load_split(replace(cfg.data, train_examples=None), "train")
+            cache.check(expected_fingerprint(cfg, root_fp, tok, full), [r["id"] for r in examples], list(full["id"]))
             return cache
 
         return CachedTeacher(runtime.agree(open_cache), runtime.get().device)
