@@ -7,8 +7,9 @@ gives the same bytes): an unbiased target for the KL gradient (random-sampling K
 (k=32, m=64, fp16 values, 3-byte ids) against ~200 KB for dense bf16 logits at the OLMo2 vocabulary.
 The older top-k + tail-bucket format (`teacher.format=topk_bucket`) is biased by the tail mass.
 
-Storage: safetensors shards over contiguous slices of the *full* training split, sample ids in their
-metadata, so any data order or subsample reads its rows by id. A shard is written to a temporary name
+Storage: safetensors shards over contiguous slices of the *full* training split, each header naming its
+slice (first sample, count, sha256 of the slice's ids), so any data order or subsample reads its rows by
+id once the reader has bound them to the split (teacher.py). A shard is written to a temporary name
 and renamed; a sidecar with its sha256 and size marks it complete. Re-running skips complete shards and
 redoes missing or truncated ones; the manifest, with the fingerprint of everything the values depend on,
 is written last. The format and reader live in teacher.py.
