@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import runtime, signals
 from .config import RunConfig
-from .data import build_train_examples, collate, load_split
+from .data import build_train_examples, collate, load_full_train
 from .errors import ConfigError
 from .fileio import atomic_write_json, canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .models import DTYPES, load_tokenizer
@@ -159,7 +158,7 @@ def _prepare(cfg: RunConfig):
     if vocab >= 1 << 24:
         raise ConfigError(f"vocab_size {vocab} does not fit the cache's 3-byte token ids")
     tok = load_tokenizer(cfg.model.tokenizer or teacher_dir)
-    full = load_split(replace(cfg.data, train_examples=None), "train")
+    full = load_full_train(cfg.data)
     fp = expected_fingerprint(cfg, checkpoint_fingerprint(teacher_dir), tok, full)
     examples = build_train_examples(tok, full, "kl", cfg.train.positions, cfg.data.max_length, cfg.data.add_bos)
     return tok, fp, vocab, examples, _num_shards(cfg, len(examples))

@@ -9,6 +9,7 @@ training alike.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +143,12 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     if split == "train" and cfg.train_examples is not None:
         ds = subsample(ds, cfg.train_examples, cfg.seed)
     return ds
+
+
+def load_full_train(cfg: DataConfig) -> datasets.Dataset:
+    """The whole train split, whatever data.train_examples says: what a teacher cache covers (its shards and
+    fingerprint), so that runs on different subsamples share one cache, and what a plan measures."""
+    return load_split(replace(cfg, train_examples=None), "train")
 
 
 def subsample(ds: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:

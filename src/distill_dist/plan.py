@@ -114,9 +114,9 @@ def train_flops(m: ModelShape, length: float, supervised: float, checkpointing: 
 def measure_lengths(cfg: RunConfig, tokenizer, micro_batch: int) -> dict:
     """Token counts of the full CSQA train split as the recipe builds it (per arm), and the padded length
     of seeded random micro-batches (right padding to the longest row of each micro-batch)."""
-    from .data import build_train_examples, load_split
+    from .data import build_train_examples, load_full_train
 
-    ds = load_split(replace(cfg.data, train_examples=None), "train")
+    ds = load_full_train(cfg.data)
     out = {}
     for arm in ("ce", "kl"):
         rows = build_train_examples(tokenizer, ds, arm, cfg.train.positions, cfg.data.max_length, cfg.data.add_bos)

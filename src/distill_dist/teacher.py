@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from safetensors import safe_open
 
 from . import runtime
 from .config import RunConfig
-from .data import PROMPT_VERSION, load_split
+from .data import PROMPT_VERSION, load_full_train
 from .errors import ConfigError, UserError
 from .fileio import canonical_json, checkpoint_fingerprint, sha256_bytes, sha256_file
 from .losses import DenseTeacher, LossSpec
@@ -63,10 +62,8 @@ def split_ids_sha256(ids: list[str]) -> str:
     return sha256_bytes(canonical_json(ids).encode())
 
 
-def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_train=None) -> dict:
+def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_train) -> dict:
     """Everything the cached values depend on. `full_train` is the unsubsampled train split."""
-    if full_train is None:
-        full_train = load_split(replace(cfg.data, train_examples=None), "train")
     tc = cfg.teacher
     fp = {"teacher": teacher_fingerprint, "tokenizer": tokenizer_hash(tok), "data": data_hash(full_train),
           "sample_ids": split_ids_sha256(list(full_train["id"])),
@@ -232,7 +229,7 @@ def open_teacher_targets(cfg: RunConfig, spec: LossSpec, plan: dict, tok, exampl
             if cache.vocab_size != s_vocab:
                 raise ConfigError(f"teacher cache vocab_size {cache.vocab_size} != student vocab_size {s_vocab}: "
                                   "distillation needs the same vocabulary")
-            full = load_split(replace(cfg.data, train_examples=None), "train")
+            full = load_full_train(cfg.data)
             cache.check(expected_fingerprint(cfg, root_fp, tok, full), [r["id"] for r in examples], list(full["id"]))
             return cache
 
