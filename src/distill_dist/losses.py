@@ -100,18 +100,18 @@ class _Scratch:
     """
 
     def __init__(self, cols: int, dtype: torch.dtype, device):
-        self.cols, self.dtype, self.device, self.rows = cols, dtype, device, 0
+        self.cols, self.dtype, self.device = cols, dtype, device
         self._slots: dict[str, torch.Tensor] = {}
 
-    def empty(self, slot: str) -> torch.Tensor:
+    def empty(self, slot: str, rows: int) -> torch.Tensor:
         buf = self._slots.get(slot)
-        if buf is None or buf.shape[0] < self.rows:
-            buf = self._slots[slot] = torch.empty(self.rows, self.cols, dtype=self.dtype, device=self.device)
-        return buf[: self.rows]
+        if buf is None or buf.shape[0] < rows:
+            buf = self._slots[slot] = torch.empty(rows, self.cols, dtype=self.dtype, device=self.device)
+        return buf[:rows]
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor, slot: str) -> torch.Tensor:
         if x.dtype == weight.dtype == self.dtype:
-            return torch.mm(x, weight.T, out=self.empty(slot))
+            return torch.mm(x, weight.T, out=self.empty(slot, x.shape[0]))
         return _up(x @ weight.T).to(self.dtype)
 
 
@@ -136,7 +136,7 @@ def _ce(s: torch.Tensor, y: torch.Tensor):
 def _kl(student, teacher, scratch: _Scratch, tau: float):
     """Forward KL(p || q) * tau^2 = (sum p log p - sum p log q) * tau^2; d/ds = tau * (q - p)."""
     t = teacher("a").div_(tau)
-    p, log_zt = _normalise_(t, out=scratch.empty("b"))
+    p, log_zt = _normalise_(t, out=scratch.empty("b", t.shape[0]))
     neg_h = _rowdot(p, t) - log_zt.view(-1) * p.sum(-1)  # sum p log p
     del t
     s = student("a").div_(tau)
@@ -219,7 +219,6 @@ def _sparse(s: torch.Tensor, st: SparseTeacher, tau: float):
 def _chunk(h: torch.Tensor, weight: torch.Tensor, spec: LossSpec, y, teacher, scratch: _Scratch, i: int, j: int):
     """One chunk's (loss sum, gradient buffer, scale) from its hidden states."""
     tau = spec.temperature
-    scratch.rows = j - i
 
     def student(slot: str) -> torch.Tensor:
         return scratch.logits(h, weight, slot)
