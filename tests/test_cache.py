@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from distill_dist import cli
 from distill_dist.config import TinyModelConfig, load_config
-from distill_dist.fileio import sha256_file
 from distill_dist.data import build_train_examples, collate, load_split
+from distill_dist.fileio import sha256_file
 from distill_dist.losses import DenseTeacher, LossSpec, fused_linear_loss
 from distill_dist.models import build_tiny_model, load_causal_lm
 from distill_dist.prune import prune_checkpoint, read_model_config
