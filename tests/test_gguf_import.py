@@ -232,3 +232,27 @@ def test_gemma3_270m_import_matches_transformers_and_llamacpp(tmp_path, csqa_dir
           f"{diff.max():.2e}, mean {diff.mean():.2e} (tolerance {GEMMA_LLAMACPP_TOL}), argmax agreement "
           f"{(lcpp.argmax(1) == ours.argmax(1)).mean():.3f}")
     assert diff.max() < GEMMA_LLAMACPP_TOL
+
+
+def test_real_model_study_config_and_its_skip_line(monkeypatch, capsys, tmp_path):
+    """bench/real_model_study.py's config is valid (cloze, a K-quant-friendly prune, the import feeding the teacher),
+    and without the package the study prints one line and exits 0, having run nothing."""
+    from distill_dist.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "gemma3_270m_cloze_cpu.yaml", [f"output_dir={tmp_path / 'study'}"])
+    assert (cfg.data.format, cfg.prune.round_to, cfg.gguf_import.file) == ("cloze", 256, f"pkg:{GEMMA_PACKAGE}")
+    assert cfg.gguf_import.output_dir == cfg.model.path == str(tmp_path / "study" / "teacher")
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        import real_model_study
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == real_model_study.PACKAGE else real_spec(name, *a))
+    monkeypatch.setattr(sys, "argv", ["real_model_study.py", f"output_dir={tmp_path / 'study'}"])
+    real_model_study.main()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("real_model_study: skipped") and GEMMA_PACKAGE in out[0]
+    assert not (tmp_path / "study").exists()
