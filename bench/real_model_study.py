@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/gemma3_270m_cloze_cpu.yaml")
     ap.add_argument("--seeds", type=int, default=2, help="training seeds per arm")
     ap.add_argument("--edge", action="store_true", help="also export each recovered model to Q4_K_M and score it "
-                                                        "in llama.cpp (~10 min per model on 2 cores)")
+                                                        "in llama.cpp (~9 min per model on 2 cores)")
     ap.add_argument("--edge-seeds", type=int, default=None, help="--edge for the first N seeds only (default: all)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = ap.parse_args()
