@@ -39,14 +39,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 class Stages:
     """Runs the CLI stages under GNU time and keeps their figures in <output_dir>/stages.json, written after each
-    stage; a stage whose output exists is reused, with the figures of the run of the study that made it."""
+    stage; a stage whose output `done` exists is reused, with the figures of the run of the study that made it
+    (done=None: always run)."""
 
     def __init__(self, path: Path):
         self.path, self.log, self.t0 = path, [], time.time()
         self.before = {s["stage"]: s for s in json.loads(path.read_text())["stages"]} if path.is_file() else {}
 
-    def run(self, name: str, cmd: list[str], done: Path) -> None:
-        if done.exists():
+    def run(self, name: str, cmd: list[str], done: Path | None) -> None:
+        if done is not None and done.exists():
             print(f"[{name}] reused: {done}", flush=True)
             self.log.append(self.before.get(name, {"stage": name, "wall_s": None, "peak_rss_gb": None}))
             return
@@ -55,9 +56,9 @@ class Stages:
             t0 = time.time()
             code = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name, *cmd], cwd=REPO).returncode
             wall = time.time() - t0
-            peak_kb = int(t.read().split()[-1]) if code == 0 else None
-        if code:
-            sys.exit(f"real_model_study: stage '{name}' failed with exit code {code}")
+            if code:
+                sys.exit(f"real_model_study: stage '{name}' failed with exit code {code}")
+            peak_kb = int(t.read().split()[-1])
         print(f"[{name}] wall {wall:.0f} s, peak RSS {peak_kb / 1e6:.2f} GB", flush=True)
         self.log.append({"stage": name, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 3)})
         self.save()
@@ -84,6 +85,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO / "src"))
     from distill_dist.config import load_config
+    from distill_dist.export import gguf_name
     from distill_dist.runtime import free_port
 
     cfg = load_config(REPO / args.config, args.overrides)
@@ -114,15 +116,13 @@ def main() -> None:
                                              f"export.output_dir={out}"], out / "manifest.json")
             for t in cfg.export.types:
                 stages.run(f"llama.cpp eval {run.name} {t}",
-                          [*CLI, "eval", *common, "eval.backend=llamacpp", f"eval.model={out / f'model-{t}.gguf'}",
+                          [*CLI, "eval", *common, "eval.backend=llamacpp", f"eval.model={out / gguf_name(t)}",
                            f"eval.output_dir={out / f'eval-{t}'}"], out / f"eval-{t}" / "eval.json")
         edge = [str(root / "edge")]
     report = root / "report"
     stages.run("report", [*CLI, "report", *common, f"report.runs=[{','.join(map(str, runs))}]",
                          f"report.teacher_eval={teacher_eval}", f"report.pruned_eval={pruned_eval}",
-                         f"report.edge=[{','.join(edge)}]", f"report.output_dir={report}"],
-              report / ".never")
-    stages.save()
+                         f"report.edge=[{','.join(edge)}]", f"report.output_dir={report}"], None)
     print(f"real_model_study: {(time.time() - stages.t0) / 60:.1f} min on {os.cpu_count()} cores; "
           f"{report / 'report.md'}, {root / 'stages.json'}")
 
