@@ -17,7 +17,7 @@ configs/gemma3_270m_cloze_cpu.yaml, with any key=value overrides appended to eac
 Each stage prints its wall time and the peak RSS of its largest process, and they are written to
 <output_dir>/stages.json. A stage whose output is already complete is reused (re-running resumes).
 Without the package the study says so in one line and exits 0. Measured on 2 idle cores: 78.6 min, 111.7 min
-with --edge (the README's real-model study section has the figures).
+with --edge (docs/results.md has the figures).
 """
 from __future__ import annotations
 
