@@ -47,8 +47,8 @@ class ModelConfig:
     tokenizer: Optional[str] = option(None, help="Tokenizer dir, tokenizer.json file or hub id; null = the one saved "
                                                   "with the model.")
     dtype: str = option("float32", choices=DTYPE_NAMES,
-                        help="Weights and compute dtype for every stage that loads the model (training: float32 or "
-                             "bfloat16 with fp32 master weights; bfloat16 turns on DeepSpeed's bf16).")
+                        help="Dtype every stage loads the model in; training takes float32 or bfloat16 (DeepSpeed's "
+                             "bf16).")
 
 
 @dataclass
@@ -305,6 +305,25 @@ class RunConfig:
     export: ExportConfig = option(factory=ExportConfig, help="llama.cpp GGUF files of a checkpoint.")
     gguf_import: GgufImportConfig = option(factory=GgufImportConfig, help="A GGUF file turned into a Hugging Face "
                                                                           "checkpoint.")
+
+
+# The `distill-dist` commands that read each top-level key (docs/configuration.md, `distill-dist COMMAND --help`).
+# `config` prints them all. eval and prune read only train.pg_timeout_minutes (and calibration the teacher's
+# DeepSpeed config) from the train section.
+READ_BY = {
+    "output_dir": ("prune", "eval", "train", "cache-teacher", "export", "report", "demo"),
+    "model": ("prune", "eval", "train", "cache-teacher", "export", "import", "make-tiny", "demo", "plan"),
+    "tiny": ("make-tiny", "demo"),
+    "teacher": ("train", "cache-teacher", "demo", "plan"),
+    "data": ("prune", "eval", "train", "cache-teacher", "demo", "plan"),
+    "prune": ("prune", "train", "demo", "plan"),
+    "eval": ("eval", "train", "demo"),
+    "train": ("train", "cache-teacher", "prune", "eval", "demo", "plan"),
+    "report": ("report",),
+    "demo": ("demo",),
+    "export": ("export", "demo"),
+    "gguf_import": ("import",),
+}
 
 
 def _check_sections(layer: dict, schema: type) -> None:
