@@ -280,3 +280,19 @@ def test_command_help_names_its_sections_and_the_reference(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Config keys it reads: output_dir, model, export " in text
     assert "docs/configuration.md" in text and "distill-dist config [-c FILE] [key=value ...]" in text
+
+
+# ---------------------------------------------------------------- export.types spellings
+
+def test_gguf_types_in_llamacpp_spelling_are_stored_lower_case(tmp_path, capsys):
+    assert load_config(None, ["export.types=[Q8_0,Q4_K_M,F16,Bf16]"]).export.types == ["q8_0", "q4_k_m", "f16", "bf16"]
+    assert load_config(_yaml(tmp_path, "export:\n  types: [Q6_K, q5_K_M]\n")).export.types == ["q6_k", "q5_k_m"]
+    assert cli.main(["config", "export.types=[Q4_0]"]) == 0
+    assert "  types:\n  - q4_0\n" in capsys.readouterr().out
+
+
+def test_gguf_type_spellings_still_refuse_unknown_and_repeated_types():
+    with pytest.raises(ConfigError, match=r"'export.types\[1\]' = 'q3_k_xs': expected one of f32, f16"):
+        load_config(None, ["export.types=[F16,Q3_K_XS]"])
+    with pytest.raises(ConfigError, match=r"'export.types' = \['q8_0', 'q8_0'\]: expected each type once"):
+        load_config(None, ["export.types=[q8_0,Q8_0]"])

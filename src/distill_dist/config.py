@@ -382,8 +382,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config field '{key}': {msg}" if key else f"config: {msg}") from None
+    _normalize(obj)
     validate(obj)
     return obj
+
+
+def _normalize(cfg: Any) -> None:
+    """Spellings accepted on input, stored canonical: GGUF types as llama.cpp writes them (Q4_K_M, F16) are
+    GGUF_TYPES' lower-case names, so the resolved config, file names and manifests have one spelling."""
+    if isinstance(cfg, RunConfig):
+        cfg.export.types = [t.lower() for t in cfg.export.types]
 
 
 def _require(cond: bool, field_name: str, expected: str, value: Any) -> None:
