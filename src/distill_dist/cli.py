@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import CALIBRATION_SCORES, READ_BY, RunConfig, load_config, require_local_or_hub, to_yaml
 from .errors import ConfigError, UserError
 from .fileio import atomic_write_text
+from .progress import library_bars_only_on_a_terminal
 
 EXIT_USER_ERROR = 2
 
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "cache-teacher"):
         install_stop_handlers()
     quiet_third_party_warnings()
+    library_bars_only_on_a_terminal()
 
     clean = False  # a rank-symmetric refusal, like a success, leaves the process group on every rank
     try:
