@@ -273,12 +273,14 @@ def test_config_command_bad_input_is_one_line_exit_2(override, message):
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"distill-dist: error: {message}"), r.stderr
 
 
-def test_command_help_names_its_sections_and_the_reference(capsys):
+@pytest.mark.parametrize("command, sections", [("export", "output_dir, model, export"),
+                                               ("plan", "model, teacher, data, prune, train")])
+def test_command_help_names_its_sections_and_the_reference(capsys, command, sections):
     with pytest.raises(SystemExit) as e:
-        cli.main(["export", "--help"])
+        cli.main([command, "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "Config keys it reads: output_dir, model, export " in text
+    assert f"Config keys it reads: {sections} (" in text
     assert "docs/configuration.md" in text and "distill-dist config [-c FILE] [key=value ...]" in text
 
 

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("plan", help="costed plan of the real run: parameters, FLOPs, memory per GPU, GPU-hours")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_config_epilog(name))
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=config_epilog(name))
         p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.schedule=[0.5]")
         if name == "cache-teacher":
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _config_epilog(command: str) -> str:
+def config_epilog(command: str) -> str:
     """Where a command's keys are described: the sections it reads, the reference page, `distill-dist config`."""
     reads = [key for key, readers in READ_BY.items() if command in readers]
     return (f"Config keys it reads: {', '.join(reads)} (see docs/configuration.md for every key's type, default, "
