@@ -50,11 +50,16 @@ def _table(prefix: str, fields, instance: Any) -> list[str]:
         choices = f.metadata.get("choices")
         cells = [f"`{prefix}{f.name}`", _type_name(f.type), f"`{_value(getattr(instance, f.name))}`",
                  ", ".join(f"`{yaml_name(c)}`" for c in choices) if choices else "",
-                 f.metadata["help"].replace("|", "\\|")]
+                 _markdown_text(f.metadata["help"])]
         if not prefix:
             cells.append(", ".join(f"`{c}`" for c in READ_BY[f.name]))
         rows.append("| " + " | ".join(cells) + " |")
     return rows + [""]
+
+
+def _markdown_text(text: str) -> str:
+    """Help text in a table cell: `|` would end the cell, `<output_dir>` would be read as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "\\<")
 
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Any": "any"}
