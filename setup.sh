@@ -2,13 +2,26 @@
 # Create .venv and install distill_dist with its test extras, from nothing.
 # torch is pinned to the CPU build first (any other torch pulls a multi-GB CUDA build on a CPU box);
 # on a GPU cluster, install your CUDA torch (2.4 - 2.13) first and run this with TORCH_SPEC=skip.
+# TORCH_INDEX_URL: the index torch alone comes from (pip --index-url). Empty (the default): pip's configured
+# index, which must then offer the CPU build; on a stock machine, where PyPI's torch is the CUDA build, run
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh
 set -euo pipefail
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+
+# pip's torch install, run as `install_torch PIP...` (tests/test_setup_script.py runs it with other commands).
+install_torch() {
+  if [ "$TORCH_SPEC" = skip ]; then return 0; fi
+  if [ -n "$TORCH_INDEX_URL" ]; then "$@" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+  else "$@" install -q "$TORCH_SPEC"; fi
+}
+(return 0 2>/dev/null) && return 0  # sourced: the function only
+
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ "$TORCH_SPEC" != skip ]; then .venv/bin/python -m pip install -q "$TORCH_SPEC"; fi
+install_torch .venv/bin/python -m pip
 # DeepSpeed's setup.py imports torch, so it must build against the torch just installed.
 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16"
 # The edge runtime (extra `edge`): llama-cpp-python builds llama.cpp from source (~9 min on 2 idle cores; pip

@@ -237,3 +237,64 @@ def test_float16_training_is_refused_before_any_process_group(capsys):
     assert cli.main(["train", "model.dtype=float16", "train.student=/nonexistent"]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("distill-dist")]
     assert lines == ["distill-dist: error: config field 'model.dtype' = 'float16': training runs in float32 or bfloat16"]
+
+
+# ---------------------------------------------------------------- distill-dist config
+
+def test_config_command_prints_yaml_that_round_trips(tmp_path, capsys):
+    overrides = [f"output_dir={tmp_path / 'run'}", "train.lr=0.002", "export.types=[q8_0]", "prune.schedule=[0.25]"]
+    assert cli.main(["config", *overrides]) == 0
+    printed = capsys.readouterr().out
+    import yaml
+
+    tree = yaml.safe_load(printed)
+    assert tree["train"]["lr"] == 0.002 and tree["prune"]["schedule"] == [0.25]  # the overrides applied
+    assert tree["train"]["output_dir"] == f"{tmp_path / 'run'}/kl"  # interpolations resolved
+    saved = _yaml(tmp_path, printed)
+    assert load_config(saved) == load_config(None, overrides) != load_config(None, [])
+    assert cli.main(["config", "-c", str(saved)]) == 0
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "config field 'train.lr': Value 'abc' of type 'str' could not be converted to Float"),
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+])
+def test_config_command_bad_input_is_one_line_exit_2(override, message):
+    """The real process: one stderr line, exit status 2, nothing on stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "distill_dist.cli", "config", override], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"distill-dist: error: {message}"), r.stderr
+
+
+@pytest.mark.parametrize("command, sections", [("export", "output_dir, model, export"),
+                                               ("plan", "model, teacher, data, prune, train")])
+def test_command_help_names_its_sections_and_the_reference(capsys, command, sections):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"Config keys it reads: {sections} (" in text
+    assert "docs/configuration.md" in text and "distill-dist config [-c FILE] [key=value ...]" in text
+
+
+# ---------------------------------------------------------------- export.types spellings
+
+def test_gguf_types_in_llamacpp_spelling_are_stored_lower_case(tmp_path, capsys):
+    assert load_config(None, ["export.types=[Q8_0,Q4_K_M,F16,Bf16]"]).export.types == ["q8_0", "q4_k_m", "f16", "bf16"]
+    assert load_config(_yaml(tmp_path, "export:\n  types: [Q6_K, q5_K_M]\n")).export.types == ["q6_k", "q5_k_m"]
+    assert cli.main(["config", "export.types=[Q4_0]"]) == 0
+    assert "  types:\n  - q4_0\n" in capsys.readouterr().out
+
+
+def test_gguf_type_spellings_still_refuse_unknown_and_repeated_types():
+    with pytest.raises(ConfigError, match=r"'export.types\[1\]' = 'q3_k_xs': expected one of f32, f16"):
+        load_config(None, ["export.types=[F16,Q3_K_XS]"])
+    with pytest.raises(ConfigError, match=r"'export.types' = \['q8_0', 'q8_0'\]: expected each type once"):
+        load_config(None, ["export.types=[q8_0,Q8_0]"])

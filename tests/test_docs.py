@@ -25,9 +25,6 @@ CONFIG_KEY = re.compile(rf"^({SECTIONS})\.([a-z_]+)(=.*)?$")
 FILE_SUFFIXES = {"py", "md", "csv", "json", "jsonl", "yaml", "sh", "png", "txt", "log", "gguf", "safetensors"}
 COMMAND = re.compile(r"(?:distill-dist|distill_dist\.cli)\s+([a-z][a-z-]*)")
 ISSUE_REF = re.compile(r"\bissues?\s*#?\s*\d+", re.IGNORECASE)
-# Commands the docs describe that another branch adds; test_pending_commands_are_still_pending fails once one
-# exists, so this set cannot outlive the merge that makes it unnecessary.
-PENDING_COMMANDS = {"config"}
 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
@@ -118,17 +115,9 @@ def test_every_repository_path_named_exists():
 
 def test_every_command_named_is_a_real_subcommand():
     bad = [f"{page}: `distill-dist {name}` is not a command of distill_dist.cli"
-           for page, names in _named_commands().items() for name in sorted(names - PENDING_COMMANDS)
+           for page, names in _named_commands().items() for name in sorted(names)
            if not _is_command(name)]
     assert not bad, "\n".join(bad)
-
-
-def test_pending_commands_are_still_pending():
-    named = set().union(*_named_commands().values())
-    for name in PENDING_COMMANDS:
-        assert name in named, f"PENDING_COMMANDS names '{name}', which no page mentions: remove it from the set"
-        assert not _is_command(name), (f"`distill-dist {name}` exists now: remove '{name}' from PENDING_COMMANDS "
-                                       "in tests/test_docs.py so the docs' mention of it is checked")
 
 
 def test_every_config_key_named_exists():

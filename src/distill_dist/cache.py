@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from tqdm.auto import tqdm
 
 from . import runtime, signals
 from .config import RunConfig
@@ -35,6 +34,7 @@ from .errors import ConfigError, UserError
 from .fileio import atomic_write_json, canonical_json, sha256_bytes, sha256_file
 from .hf_checkpoint import ShardWriter, checkpoint_fingerprint, read_header, read_model_config
 from .models import TORCH_DTYPES, load_tokenizer
+from .progress import progress_bar
 from .sparse_targets import HYBRID, TOPK_BUCKET, hybrid_entries, pack_entries, sample_generator, topk_bucket_entries
 
 FORMAT_IDS = {TOPK_BUCKET: "distill_dist.teacher_cache/v1", HYBRID: "distill_dist.teacher_cache/v2"}
@@ -363,7 +363,7 @@ def _compute_shards(cfg, tok, examples, mine: list[int], n_shards: int, out: Pat
     n_batches = int(runtime.all_reduce([len(batches)], "max")[0])
     results: dict[int, list] = {i: [] for i in mine}
     t0, positions = time.time(), 0
-    for j in tqdm(range(n_batches), desc="cache", unit="batch", disable=not rt.is_main):
+    for j in progress_bar(range(n_batches), desc="cache", unit="batch", disable=not rt.is_main):
         shard_i, rows = batches[j] if j < len(batches) else (None, examples[: tc.batch_size])
         batch = collate(rows, pad_token_id(tok), rt.device)
         with torch.no_grad(), live.targets(batch, rows) as teacher:

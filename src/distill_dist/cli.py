@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CALIBRATION_SCORES, RunConfig, load_config, require_local_or_hub, to_yaml
+from .config import CALIBRATION_SCORES, READ_BY, RunConfig, load_config, require_local_or_hub, to_yaml
 from .errors import ConfigError, UserError
 from .fileio import atomic_write_text
+from .progress import library_bars_only_on_a_terminal
 
 EXIT_USER_ERROR = 2
 
@@ -187,6 +188,15 @@ def cmd_make_tiny(cfg: RunConfig) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- config
+
+def cmd_config(cfg: RunConfig) -> str:
+    """The config a command would run with, after the file, the overrides, interpolation and validation."""
+    text = to_yaml(cfg)
+    print(text, end="")
+    return text
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(cfg: RunConfig) -> str:
@@ -206,6 +216,7 @@ COMMANDS = {
     "report": (cmd_report, "table + plots comparing finished runs: distill-dist report RUN_DIR... [key=value]"),
     "make-tiny": (cmd_make_tiny, "write a randomly initialised tiny OLMo2/Llama (tests, benchmarks)"),
     "demo": (cmd_demo, "CPU demo: tiny OLMo2 teacher, prune, CE and KL recovery on 2 ranks (ZeRO-3), report"),
+    "config": (cmd_config, "print the resolved, validated config as YAML (every key: docs/configuration.md)"),
 }
 DEMO_DEFAULTS = [
     "output_dir=runs/demo", "prune.schedule=[0.1]", "prune.overwrite=true", "eval.batch_size=64",
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("plan", help="costed plan of the real run: parameters, FLOPs, memory per GPU, GPU-hours")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=config_epilog(name))
         p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.schedule=[0.5]")
         if name == "cache-teacher":
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "cache-teacher"):
         install_stop_handlers()
     quiet_third_party_warnings()
+    library_bars_only_on_a_terminal()
 
     clean = False  # a rank-symmetric refusal, like a success, leaves the process group on every rank
     try:
@@ -275,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def config_epilog(command: str) -> str:
+    """Where a command's keys are described: the sections it reads, the reference page, `distill-dist config`."""
+    reads = [key for key, readers in READ_BY.items() if command in readers]
+    return (f"Config keys it reads: {', '.join(reads)} (see docs/configuration.md for every key's type, default, "
+            f"allowed values and meaning). `distill-dist config [-c FILE] [key=value ...]` prints the resolved "
+            f"config." if command != "config" else
+            "Reads every section; every key's type, default, allowed values and meaning: docs/configuration.md.")
+
+
 def quiet_third_party_warnings() -> None:
     """DeepSpeed's collectives emit a torch FutureWarning per call (thousands of lines per run), and
     transformers/torch repeat known deprecations; our own warnings stay visible."""
@@ -302,13 +323,14 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 def _write_done_marker(command: str) -> None:
     """$DISTILL_DIST_DONE_FILE, written by rank 0 once the command has fully succeeded: batch scripts judge
     success by it, not by an exit status that a crash in interpreter teardown could still spoil."""
-    import os
     import time
 
+    path = os.environ.get("DISTILL_DIST_DONE_FILE")
+    if not path:
+        return
     import torch.distributed as dist
 
-    path = os.environ.get("DISTILL_DIST_DONE_FILE")
-    if not path or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     from .fileio import atomic_write_json
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
@@ -40,6 +39,7 @@ from .errors import UserError
 from .fileio import atomic_write_text
 from .losses import LossSpec
 from .models import build_tiny_model
+from .progress import progress_bar
 from .runtime import free_port
 from .synthetic import train_tokenizer, write_synthetic_csqa
 
@@ -95,7 +95,7 @@ def train_teacher(model, tok, cfg: RunConfig) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=d.teacher_lr, betas=(0.9, 0.95))
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, d.teacher_steps // 20, d.teacher_steps, min_lr_rate=0.05)
     gen = torch.Generator().manual_seed(d.seed)
-    with tqdm(range(d.teacher_steps), desc="teacher training", unit="step") as bar:
+    with progress_bar(range(d.teacher_steps), desc="teacher training", unit="step") as bar:
         for step in bar:
             idx = torch.randint(0, len(examples), (d.teacher_batch,), generator=gen).tolist()
             loss = net(**collate([examples[i] for i in idx], pad_token_id(tok), "cpu"))
@@ -140,7 +140,7 @@ def launch_side_by_side(cfg_path: Path, runs: list[Run], width: int, steps: int)
     """The curve runs, `width` at a time, each one's output in <run dir>.log; one bar counts their steps
     (the lines of their metrics.jsonl)."""
     pending, active, finished = list(runs), [], 0
-    with tqdm(total=steps * len(runs), desc=f"curve runs ({len(runs)}, {width} at a time)", unit="step") as bar:
+    with progress_bar(total=steps * len(runs), desc=f"curve runs ({len(runs)}, {width} at a time)", unit="step") as bar:
         while pending or active:
             while pending and len(active) < width:
                 run = pending.pop(0)

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import runtime
 from .data import (LABELS, PROMPT_VERSION, collate, continuation_strings, encode_rows, load_split, pad_token_id,
                    prompt_and_targets)
 from .fileio import atomic_write_json, atomic_write_jsonl, dir_bytes
 from .hf_checkpoint import checkpoint_fingerprint
+from .progress import progress_bar
 
 ECE_BINS = 15
 # accuracy: what the summed continuation log-likelihood is divided by before the argmax, and in words
@@ -106,7 +106,7 @@ def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device,
     reqs = build_requests(tokenizer, rows, max_length, add_bos, fmt)
     order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].input_ids))  # similar lengths share a batch
     logliks = np.zeros((len(rows), 5), dtype=np.float64)
-    bar = tqdm(total=len(reqs), desc="eval", unit="seq", disable=not progress)
+    bar = progress_bar(total=len(reqs), desc="eval", unit="seq", disable=not progress)
     for s in range(0, len(order), batch_size):
         batch = [reqs[i] for i in order[s: s + batch_size]]
         for r, lp in zip(batch, target_logprobs(model, batch, pad_token_id(tokenizer), device)):

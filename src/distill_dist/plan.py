@@ -495,7 +495,10 @@ def render_markdown(plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="distill-dist plan", description=__doc__.splitlines()[0])
+    from .cli import config_epilog  # cli imports this module only inside its main()
+
+    ap = argparse.ArgumentParser(prog="distill-dist plan", description=__doc__.splitlines()[0],
+                                 epilog=config_epilog("plan"))
     ap.add_argument("--config", "-c", help="YAML run config (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     ap.add_argument("--model-config", help="the teacher's config.json (default: model.path's, else OLMo2-7B)")

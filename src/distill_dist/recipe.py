@@ -29,7 +29,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint, engines, runtime, signals
 from .config import RunConfig, to_yaml
@@ -40,6 +39,7 @@ from .fileio import atomic_write_json, atomic_write_text, sha256_bytes
 from .hf_checkpoint import check_weights_complete, load_plan
 from .losses import LossSpec
 from .models import load_tokenizer
+from .progress import progress_bar
 from .teacher import open_teacher_targets
 
 
@@ -167,7 +167,7 @@ class RecoveryRecipe:
 
     def train(self) -> None:
         tr, rt = self.tr, self.rt
-        bar = tqdm(total=tr.max_steps, initial=self.start_step, desc=f"{tr.arm} recovery", unit="step",
+        bar = progress_bar(total=tr.max_steps, initial=self.start_step, desc=f"{tr.arm} recovery", unit="step",
                    disable=not rt.is_main)
         step = self.start_step
         try:
