@@ -237,3 +237,24 @@ def test_float16_training_is_refused_before_any_process_group(capsys):
     assert cli.main(["train", "model.dtype=float16", "train.student=/nonexistent"]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("distill-dist")]
     assert lines == ["distill-dist: error: config field 'model.dtype' = 'float16': training runs in float32 or bfloat16"]
+
+
+def test_tf32_is_a_float32_option_recorded_in_the_runs_config():
+    """train.tf32 is off unless asked for, only with float32 weights (bfloat16 matmuls are not TF32's), and it
+    is part of the config every run writes (config.yaml, to_yaml). On CPU setting it changes nothing."""
+    import torch
+
+    from distill_dist import runtime
+    from distill_dist.config import to_yaml
+
+    assert load_config(None, []).train.tf32 is False
+    cfg = load_config(None, ["train.tf32=true"])
+    assert "tf32: true" in to_yaml(cfg)
+    with pytest.raises(ConfigError, match=r"^config field 'train.tf32' = True: expected false with "
+                                          r"model.dtype=bfloat16 \(TF32 speeds up float32 matmuls only"):
+        load_config(None, ["train.tf32=true", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"'train.tf32'"):
+        load_config(None, ["train.tf32=maybe"])
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    runtime.set_tf32(True, torch.device("cpu"))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
