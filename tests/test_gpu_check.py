@@ -118,6 +118,11 @@ def test_check_runs_as_on_the_device_and_a_failing_section_loses_nothing_else(tm
     assert sections["prune"]["wall_s"] > 0 and sections["prune"]["host_peak_rss_gb"] > 0.1
     assert (tmp_path / "work" / "pruned" / "pruning_plan.json").is_file()
     assert "failure injected" in (out / "sections.log").read_text()
+    # Each section process wrote its own result file, which the driver merged; the crashed one wrote none.
+    written = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "work" / "results").glob("*.json")}
+    assert set(written) == set(sections) - {"losses"}
+    assert all(written[n].items() <= sections[n].items() for n in written)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "install.log", "pytest.log", "sections.log"]
     summary = proc.stdout[proc.stdout.index("section     status"):]
     assert all(re.search(rf"^{n} +(ok|error) ", summary, re.M) for n in sections), summary
     assert re.search(r"^losses +error ", summary, re.M)
