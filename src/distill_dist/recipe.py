@@ -8,8 +8,9 @@ teacher's targets for the supervised positions (live ZeRO-3 teacher or disk cach
 student hidden states at those positions -> the fused loss through the LM head, once per micro-step on
 every rank -> backward -> optimizer step. The data position is the step number and every state is
 checkpointed, so an interrupted and resumed run follows the uninterrupted loss curve. On CPU it repeats
-it bit for bit (on the same machine and software). On CUDA it does not: kernels such as scatter_add_ and
-cuBLAS' split reductions vary run to run, so the curves agree only to rounding unless
+it bit for bit (on the same machine and software). On CUDA it does not: kernels that add with atomics
+(scatter_add_, index_add_) and cuBLAS without a fixed workspace vary run to run, so the curves agree only
+to rounding unless
 train.deterministic=true, and even then bit for bit only on the same GPU model, driver and software
 versions (README, determinism).
 
