@@ -10,9 +10,8 @@ every rank -> backward -> optimizer step. The data position is the step number a
 checkpointed, so an interrupted and resumed run follows the uninterrupted loss curve. On CPU it repeats
 it bit for bit (on the same machine and software). On CUDA it does not: kernels that add with atomics
 (scatter_add_, index_add_) and cuBLAS without a fixed workspace vary run to run, so the curves agree only
-to rounding unless
-train.deterministic=true, and even then bit for bit only on the same GPU model, driver and software
-versions (README, determinism).
+to rounding unless train.deterministic=true, and even then bit for bit only on the same GPU model, driver
+and software versions (README, determinism).
 
 Host syncs: the loop reads the device once per optimizer step (`_step_totals`: one all-reduce of the
 step's loss sum, token count, stop flag and per-micro-batch non-finite flags, then one `.tolist()`),
