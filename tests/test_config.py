@@ -298,3 +298,24 @@ def test_gguf_type_spellings_still_refuse_unknown_and_repeated_types():
         load_config(None, ["export.types=[F16,Q3_K_XS]"])
     with pytest.raises(ConfigError, match=r"'export.types' = \['q8_0', 'q8_0'\]: expected each type once"):
         load_config(None, ["export.types=[q8_0,Q8_0]"])
+
+
+def test_tf32_is_a_float32_option_recorded_in_the_runs_config():
+    """train.tf32 is off unless asked for, only with float32 weights (bfloat16 matmuls are not TF32's), and it
+    is part of the config every run writes (config.yaml, to_yaml). On CPU setting it changes nothing."""
+    import torch
+
+    from distill_dist import runtime
+    from distill_dist.config import to_yaml
+
+    assert load_config(None, []).train.tf32 is False
+    cfg = load_config(None, ["train.tf32=true"])
+    assert "tf32: true" in to_yaml(cfg)
+    with pytest.raises(ConfigError, match=r"^config field 'train.tf32' = True: expected false with "
+                                          r"model.dtype=bfloat16 \(TF32 speeds up float32 matmuls only"):
+        load_config(None, ["train.tf32=true", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"'train.tf32'"):
+        load_config(None, ["train.tf32=maybe"])
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    runtime.set_tf32(True, torch.device("cpu"))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

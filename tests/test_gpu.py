@@ -92,3 +92,27 @@ def test_deterministic_kernels_repeat_the_sparse_target_gradient_bit_for_bit():
         assert torch.equal(grads[0], grads[1])
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_tf32_switch_trades_float32_matmul_precision_for_speed():
+    """train.tf32 on: a float32 matmul runs on TF32 tensor cores (inputs rounded to 10 mantissa bits: 2.9e-4
+    of the largest entry at this size, emulated in float64 on CPU); off again (set both ways): full float32
+    (3e-7 on CPU)."""
+    from distill_dist import runtime
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=g, dtype=torch.float64), torch.randn(1024, 1024, generator=g, dtype=torch.float64)
+    exact = a @ b
+
+    def rel_err() -> float:
+        got = (a.float().cuda() @ b.float().cuda()).double().cpu()
+        return float((got - exact).abs().max() / exact.abs().max())
+
+    try:
+        runtime.set_tf32(True, torch.device("cuda"))
+        tf32 = rel_err()
+        runtime.set_tf32(False, torch.device("cuda"))
+        fp32 = rel_err()
+    finally:
+        runtime.set_tf32(False, torch.device("cuda"))
+    assert fp32 < 1e-5 and 5e-5 < tf32 < 1e-2, (fp32, tf32)

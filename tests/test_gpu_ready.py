@@ -205,3 +205,64 @@ def test_demo_runs_no_more_ranks_than_gpus():
     from distill_dist.demo import demo_ranks
 
     assert demo_ranks(2, gpus=1) == 1 and demo_ranks(2, gpus=0) == 2 and demo_ranks(2, gpus=8) == 2
+
+
+# ---------------------------------------------------------------- RNG state per rank's own device
+
+class _FakeCuda:
+    """CUDA generators of a node showing `visible` GPUs, for a machine without CUDA (no real CUDA RNG can run
+    here): per-index states, and an IndexError for an index the node does not show, as torch raises."""
+
+    def __init__(self, visible: int):
+        self.visible = visible
+        self.states = {i: torch.tensor([i, 7, 7], dtype=torch.uint8) for i in range(visible)}
+
+    def _index(self, device) -> int:
+        index = torch.device(device).index or 0
+        if index >= self.visible:
+            raise IndexError(f"cuda:{index} with {self.visible} visible GPUs")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states.values()]
+
+    def set_rng_state_all(self, states):
+        for i, s in enumerate(states):
+            self.set_rng_state(s, f"cuda:{i}")
+
+
+def test_rng_file_holds_only_the_ranks_own_device_and_restores_on_a_node_showing_fewer_gpus(monkeypatch):
+    """Rank 1 of a job saved on a node showing 4 GPUs (its device cuda:1) resumes on a node showing 2: the file
+    holds one CUDA state (not one per visible GPU), and it lands on the rank's device there. The CUDA RNG
+    calls are faked (no GPU here); python/numpy/torch's host generators are real and restored too."""
+    import random
+
+    import numpy as np
+
+    saved_node = _FakeCuda(visible=4)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(saved_node, name))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: saved_node.visible)
+    torch.manual_seed(11)
+    state = checkpoint.rng_state(torch.device("cuda", 1))
+    expected_draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    assert torch.equal(state["cuda"], torch.tensor([1, 7, 7], dtype=torch.uint8))  # a tensor, not a list of 4
+
+    resumed_node = _FakeCuda(visible=2)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(resumed_node, name))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: resumed_node.visible)
+    checkpoint.set_rng_state(state, torch.device("cuda", 0))  # LOCAL_RANK 1 mod 2 visible -> cuda:1; 0 here too
+    assert torch.equal(resumed_node.states[0], torch.tensor([1, 7, 7], dtype=torch.uint8))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_draws
+    # An older file (every visible GPU's state) still restores the entry of the rank's device index...
+    checkpoint.set_rng_state(dict(state, cuda=saved_node.get_rng_state_all()), torch.device("cuda", 1))
+    assert torch.equal(resumed_node.states[1], torch.tensor([1, 7, 7], dtype=torch.uint8))
+    # ...and a CPU rank saves no CUDA state at all.
+    assert checkpoint.rng_state(torch.device("cpu"))["cuda"] is None

@@ -323,10 +323,10 @@ def _prepare(cfg: RunConfig):
 def run_cache_teacher(cfg: RunConfig, verify: bool = False) -> dict | None:
     """Compute missing shards (this rank's share, or teacher.shard), then write the manifest once every
     shard is present. Every rank decides from the same view of the directory."""
-    rt = runtime.init(cfg.train.pg_timeout_minutes)
+    rt = runtime.init(cfg.train.pg_timeout_minutes, cfg.train.io_timeout_minutes)
     out = Path(cfg.teacher.cache_dir)
-    if verify:
-        return runtime.decide_on_main(lambda: verify_cache(out))
+    if verify:  # rank 0 re-hashes every shard (minutes for a large cache): the others wait under the I/O timeout
+        return runtime.decide_on_main(lambda: verify_cache(out), slow=True)
     tok, fp, vocab, examples, n_shards = runtime.decide_on_main(lambda: _prepare(cfg))
     fp_sha = sha256_bytes(canonical_json(fp).encode())
     done = runtime.agree(lambda: _existing_manifest(out, fp, fp_sha))

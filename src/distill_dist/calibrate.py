@@ -226,7 +226,7 @@ def prune_calibrated(cfg: RunConfig, ratio: float, tokenizer=None) -> dict:
     from .prune import existing_pruning, prune_checkpoint
 
     p = cfg.prune
-    runtime.init(cfg.train.pg_timeout_minutes)
+    runtime.init(cfg.train.pg_timeout_minutes, cfg.train.io_timeout_minutes)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     calib = runtime.decide_on_main(lambda: prepare(cfg, tok))
     settings = {"keep_ratio": ratio, "score": p.score, "round_to": p.round_to, "calibration": calib.describe}
@@ -237,6 +237,7 @@ def prune_calibrated(cfg: RunConfig, ratio: float, tokenizer=None) -> dict:
             print(f"{p.output_dir} already holds this pruning (plan {done['plan_sha256'][:12]}); nothing to do")
         return done
     stats = measure(cfg, calib, need_grad=p.score == "taylor")
+    # Rank 0 streams the whole checkpoint (minutes at 7B): the others wait under the I/O timeout.
     return runtime.decide_on_main(lambda: prune_checkpoint(cfg.model.path, p.output_dir, ratio, p.score, p.round_to,
                                                            p.max_shard_mb, tokenizer=tokenizer,
-                                                           overwrite=p.overwrite, calibration=stats))
+                                                           overwrite=p.overwrite, calibration=stats), slow=True)

@@ -4,7 +4,11 @@ A checkpoint is `step_NNNNNNN/` under the run's `checkpoints/`: DeepSpeed's shar
 `rng_rankN.pt` per rank, then a `COMPLETE` marker (with the world size) written by rank 0 after every
 rank has finished, and only then does `latest_complete` move to it. A kill at any moment leaves the
 previous complete checkpoint as the one a re-run resumes from. The data position is the step number, so
-a resumed run continues the uninterrupted loss curve exactly.
+a resumed run continues the uninterrupted loss curve: bit for bit on CPU, on CUDA to rounding (bit for bit
+only with train.deterministic=true on the same hardware and software; recipe.py says why).
+
+Each rank's RNG file holds the generators of the rank's own device only (its CUDA device, not every GPU
+the node shows), so a job resumed at the same world size on nodes that show fewer GPUs per task restores.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +63,51 @@ def mark_exported(run_dir: Path, root: Path, record: dict) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This rank's generators: host ones and, on CUDA, only `device`'s (the one this rank computes on)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device: torch.device) -> None:
+    """Restore `rng_state`'s generators, the CUDA one onto `device` whatever index it had when saved. An
+    older file's list (one state per GPU the node showed) restores its entry for `device`'s index."""
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        if index >= len(cuda):
+            raise CheckpointError(f"the checkpoint's RNG file holds {len(cuda)} CUDA generator(s) and this rank "
+                                  f"runs on cuda:{index}; resume on nodes showing as many GPUs as when it was saved")
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+@contextmanager
+def _commit_waits_slow(engine):
+    """DeepSpeed's save_checkpoint ends in a barrier on the process group, under its short timeout, right
+    after each rank's checkpoint engine commits its written shards: on a slow filesystem the ranks done
+    first would wait there for the slowest writer and time out. Each rank commits through the slow barrier
+    first, so DeepSpeed's own barrier finds every rank's writes done and returns at once."""
+    writer = engine.checkpoint_engine
+    if writer.is_decoupled():  # commits later, outside save_checkpoint: nothing of ours to hook
+        yield
+        return
+    commit = writer.commit
+
+    def commit_after_every_rank_wrote(info):
+        runtime.barrier(slow=True)
+        return commit(info)
+
+    writer.commit = commit_after_every_rank_wrote
+    try:
+        yield
+    finally:
+        writer.commit = commit
 
 
 def save(engine, root: Path, step: int, keep: int) -> None:
@@ -80,8 +119,9 @@ def save(engine, root: Path, step: int, keep: int) -> None:
     if rt.is_main and tag_dir.exists():
         shutil.rmtree(tag_dir)
     runtime.barrier(slow=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rt.rank}.pt.tmp")
+    with _commit_waits_slow(engine):
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(rng_state(rt.device), tag_dir / f"rng_rank{rt.rank}.pt.tmp")
     (tag_dir / f"rng_rank{rt.rank}.pt.tmp").replace(tag_dir / f"rng_rank{rt.rank}.pt")
     runtime.barrier(slow=True)
     if rt.is_main:
@@ -153,7 +193,7 @@ def resume(engine, root: Path, step: int) -> int:
     path, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    set_rng_state(torch.load(tag_dir / f"rng_rank{runtime.get().rank}.pt", weights_only=False))
+    set_rng_state(torch.load(tag_dir / f"rng_rank{runtime.get().rank}.pt", weights_only=False), runtime.get().device)
     if runtime.get().is_main:
         print(f"resuming from {tag_dir} (step {client['step']})")
     return client["step"]

@@ -237,6 +237,10 @@ class TrainConfig:
     deterministic: bool = option(False, help="CUDA only: deterministic kernels (torch.use_deterministic_algorithms "
                                              "+ CUBLAS_WORKSPACE_CONFIG); an op without one then raises. CPU runs "
                                              "are deterministic anyway.")
+    tf32: bool = option(False, help="CUDA only: the training run's float32 matmuls (and convolutions) on TF32 "
+                                    "tensor cores, several times faster on Ampere and later at a 10-bit mantissa; "
+                                    "needs model.dtype=float32 (a bfloat16 run's matmuls are bfloat16 already). No "
+                                    "effect on CPU.")
     ds_config: str = option("ds_configs/student_zero3.json", help="DeepSpeed config of the trained student.")
     teacher_ds_config: str = option("ds_configs/teacher_zero3_inference.json",
                                     help="DeepSpeed config of the frozen sharded model: the live KL teacher, `cache-teacher` and calibration scores.")
@@ -448,6 +452,9 @@ def _check_across(cfg: "RunConfig") -> None:
         _require(p.mode == "one_shot", "prune.mode",
                  f"one_shot with prune.score={p.score} (calibration scores prune once, from the unpruned model)",
                  p.mode)
+    _require(not tr.tf32 or cfg.model.dtype == "float32", "train.tf32",
+             f"false with model.dtype={cfg.model.dtype} (TF32 speeds up float32 matmuls only; set model.dtype=float32)",
+             tr.tf32)
     if cfg.teacher.source == "cache" and tr.loss_kind not in ("ce", "kl"):
         raise ConfigError(f"config field 'teacher.source' = 'cache': a teacher-logit cache supports train.loss=kl "
                           f"only, not '{tr.loss_kind}'")

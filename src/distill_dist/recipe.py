@@ -7,8 +7,11 @@ A batch goes: row indices (a pure function of seed and step) -> token ids (`data
 teacher's targets for the supervised positions (live ZeRO-3 teacher or disk cache, one interface) ->
 student hidden states at those positions -> the fused loss through the LM head, once per micro-step on
 every rank -> backward -> optimizer step. The data position is the step number and every state is
-checkpointed, so an interrupted and resumed run reproduces the uninterrupted loss curve: exactly on CPU,
-and on CUDA exactly only with train.deterministic=true (README, determinism).
+checkpointed, so an interrupted and resumed run follows the uninterrupted loss curve. On CPU it repeats
+it bit for bit (on the same machine and software). On CUDA it does not: kernels that add with atomics
+(scatter_add_, index_add_) and cuBLAS without a fixed workspace vary run to run, so the curves agree only
+to rounding unless train.deterministic=true, and even then bit for bit only on the same GPU model, driver
+and software versions (README, determinism).
 
 Host syncs: the loop reads the device once per optimizer step (`_step_totals`: one all-reduce of the
 step's loss sum, token count, stop flag and per-micro-batch non-finite flags, then one `.tolist()`),
@@ -77,6 +80,7 @@ class RecoveryRecipe:
         cfg, tr = self.cfg, self.tr
         self.rt = runtime.init(tr.pg_timeout_minutes, tr.io_timeout_minutes)
         runtime.set_deterministic(tr.deterministic)
+        runtime.set_tf32(tr.tf32, self.rt.device)
         if self.rt.device.type == "cuda":  # each stage of an iterative schedule reports its own peak
             torch.cuda.reset_peak_memory_stats(self.rt.device)
         self.student_dir, self.plan = runtime.agree(self._check_student)

@@ -107,11 +107,21 @@ def _join_deepspeed(cuda: bool) -> None:
 
 def set_deterministic(on: bool) -> None:
     """train.deterministic: deterministic CUDA kernels, so a resumed run repeats the uninterrupted one bit
-    for bit on a GPU too (CPU kernels are deterministic already). cuBLAS needs a fixed workspace, set before
-    its first call; an op with no deterministic kernel then raises instead of varying silently."""
+    for bit on a GPU too -- on the same GPU model, driver, CUDA, torch and DeepSpeed versions only (CPU kernels
+    are deterministic already). cuBLAS needs a fixed workspace, set before its first call; an op with no
+    deterministic kernel then raises instead of varying silently."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+def set_tf32(on: bool, device: torch.device) -> None:
+    """train.tf32: float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa, several times the
+    float32 throughput on Ampere and later). Set both ways on CUDA, so a run in this process after a TF32 one
+    is plain float32 again (cuDNN's own default is TF32 on); CPU kernels have no TF32: a no-op there."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
 
 def initialized() -> bool:
