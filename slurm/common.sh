@@ -7,7 +7,11 @@
 # sent to the step once, as soon as every task's launcher is up; the launcher hands it to ranks that are
 # still starting up (launch/notice.sh). It is never repeated: a repeat could hit a rank on its way out.
 # Fail fast: srun --kill-on-bad-exit=1, so a rank that dies takes the step (every node) down at once; its
-# error line ("distill-dist: error: ..." or srun's "task N: Killed") is in this log.
+# error line ("distill-dist: error: ..." or srun's "task N: Killed") is in this log. A rank that checkpointed
+# and stopped is no bad exit: its launcher exits 0 and the stop is in the rank's stopped marker
+# (launch/notice.sh), so the ranks still writing their part of the checkpoint are left to finish it.
+# SIGTERM to the step (scancel, preemption with GraceTime, a time limit) is a stop like the notice: the
+# launchers hand it to the ranks and wait for them (launch/notice.sh).
 # Environment: DISTILL_DIST_ROOT (repo; default the submit dir), PYTHON (default .venv/bin/python),
 # LAUNCHER: launch/srun_tasks.sh (default: one task per GPU) or launch/torchrun_slurm.sh (one torchrun agent
 # per node, --ntasks-per-node workers each), MARKER_DIR (state files; on a filesystem every node sees).

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole reproduction as one Slurm dependency graph (afterok), printing every job id:
-#   teacher eval, teacher-logit cache (array) and one prune per keep ratio x prune score
+#   teacher eval, teacher-logit cache (array) and one prune per keep ratio x prune score, each pruned model
+#   evaluated before recovery ($OUT/eval/pruned/keep<r>[/<score>]: the report's "pruned, before recovery"
+#   rows and arm - pruned comparisons)
 #   -> CE and KL arms for every keep ratio x score x training-set size x seed -> report (table + plots);
 #   teacher, each pruned model and each arm also go to the edge: GGUF export + llama.cpp eval (CPU jobs,
 #   slurm/export_eval.sh, in $OUT/edge/), which the report's edge tables read.
@@ -56,7 +58,7 @@ edge_ids=()
 edge_ids+=("$(submit "${edge_args[@]}" slurm/export_eval.sh "" "$OUT/edge/teacher" "${common[@]}")")
 echo "teacher on the edge: ${edge_ids[-1]}"
 read -r -a scores <<<"$SCORES"
-train_ids=() run_dirs=()
+train_ids=() run_dirs=() pruned_evals=()
 for r in $KEEP_RATIOS; do
   for score in "${scores[@]}"; do
     base="$OUT/keep$r"
@@ -65,6 +67,9 @@ for r in $KEEP_RATIOS; do
     case "$score" in activation|wanda|taylor) extra=("${calib_args[@]}") ;; *) extra=() ;; esac
     prune=$(submit "${one_args[@]}" "${extra[@]}" slurm/prune.sh "${pruning[@]}" "${common[@]}")
     echo "prune keep $r, score $score: $prune"
+    pruned_evals+=("$(submit "${one_args[@]}" --dependency="afterok:$prune" slurm/eval.sh \
+      "eval.model=$base/pruned" "eval.output_dir=$OUT/eval/pruned/${base#"$OUT"/}" "${common[@]}")")
+    echo "pruned keep $r, score $score, before recovery: eval ${pruned_evals[-1]}"
     edge_base="$OUT/edge/${base#"$OUT"/}"
     edge_ids+=("$(submit "${edge_args[@]}" --dependency="afterok:$prune" slurm/export_eval.sh "$base/pruned" \
       "$edge_base/pruned" "${common[@]}")")
@@ -87,7 +92,8 @@ for r in $KEEP_RATIOS; do
   done
 done
 echo "edge (export + llama.cpp eval) jobs: ${edge_ids[*]}"
-deps=$(IFS=:; echo "${train_ids[*]}:${edge_ids[*]}")
+deps=$(IFS=:; echo "${train_ids[*]}:${edge_ids[*]}:${pruned_evals[*]}")
 report=$(submit "${one_args[@]}" --dependency="afterok:$deps:$teacher_eval" slurm/report.sh "${run_dirs[@]}" \
-  "report.teacher_eval=$OUT/eval/teacher" "report.output_dir=$OUT/report" "report.edge=[$OUT/edge]" "${common[@]}")
+  "report.teacher_eval=$OUT/eval/teacher" "report.pruned_eval=$OUT/eval/pruned" "report.output_dir=$OUT/report" \
+  "report.edge=[$OUT/edge]" "${common[@]}")
 echo "report: $report -> $OUT/report/report.md"

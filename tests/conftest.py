@@ -192,3 +192,12 @@ def assert_same_refusal(codes, errs, seconds, expected: str):
     assert not any("Traceback" in l for e in errs for l in e), errs
     # Decided before any engine exists; far below the 5-minute process-group timeout a hang would take.
     assert seconds < 150, seconds
+
+
+@pytest.fixture(scope="session")
+def slurm_models(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny teacher, its pruned student and the synthetic data every Slurm test trains on (tests/test_slurm*.py),
+    built once per session: (directory holding teacher/ and pruned/, data path). Read only."""
+    root = tmp_path_factory.mktemp("slurm_models")
+    data, _ = make_teacher_and_student(root, n_train=160, n_dev=24, data_seed=5, model_seed=3, teacher_steps=100)
+    return root, data

@@ -8,6 +8,9 @@ Layout (all as root, all state under one temp dir, nothing of the machine's /etc
   tree slurmd 22.05 needs), hostname node<i>, a private /etc/hosts bind-mounted in its own mount namespace
   (node names must resolve to bridge addresses, or gloo falls back to 127.0.0.1), `slurmd -N node<i>`.
   One private munged (its own key and socket) serves every namespace: a Unix socket is a file path.
+  With proctrack/cgroup (tests/slurm_cluster.py) each node's mount namespace also has its own freezer
+  subtree bind-mounted over the freezer hierarchy: Slurm names its cgroups by node (slurm_node1/...), and
+  a second test cluster on the machine has nodes of the same names and job ids.
 Teardown kills only the processes started here (by PID, plus whatever still runs inside our namespaces),
 then deletes the namespaces (their veths go with them) and the bridge.
 """
@@ -21,7 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import SlurmCluster, free_port, missing_binaries, slurm_conf
+from slurm_cluster import (CGROUP_CONF, FREEZER, SlurmCluster, free_port, missing_binaries, proctrack, remove_freezer,
+                           slurm_conf)
 
 NETNS_TOOLS = ("ip", "nsenter", "unshare", "mount", "pgrep")
 
@@ -68,7 +72,6 @@ class NetnsCluster(SlurmCluster):
         self.ctl_addr = str(self.subnet.network_address + 1)
         self.addrs = [str(self.subnet.network_address + 10 + i) for i in range(1, nodes + 1)]
         self.host, self.made_links = f"{tag}ctl", False
-        self.env["MUNGE_SOCKET"] = str(root / "munge" / "munge.sock")
 
     # ---- network
     def _network(self) -> None:
@@ -90,33 +93,15 @@ class NetnsCluster(SlurmCluster):
         hosts += [f"{a} {n}" for a, n in zip(self.addrs, self.names)]
         (self.root / "hosts").write_text("\n".join(hosts) + "\n")
 
-    def _munge(self) -> None:
-        """A private munged: its own key and socket, so no other cluster on the machine is involved."""
-        d = self.root / "munge"
-        d.mkdir(mode=0o700, exist_ok=True)
-        key = d / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o600)
-        self._spawn(["/usr/sbin/munged", "-F", "--force", f"--socket={d / 'munge.sock'}", f"--key-file={key}",
-                     f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}",
-                     f"--seed-file={d / 'munged.seed'}"], "munged")
-        for _ in range(100):
-            if subprocess.run(["munge", "-n", "-S", str(d / "munge.sock")], capture_output=True).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"munged did not start: {(self.root / 'log' / 'munged.stderr').read_text()[-500:]}")
-
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
-        p = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, start_new_session=True,
-                             stderr=open(self.root / "log" / f"{name}.stderr", "w"))
-        self.pids.append(p)
-        return p
-
     def in_node(self, i: int, command: str) -> list[str]:
-        """argv running `command` (sh) as node i: its network, its own mount + UTS namespaces, its /etc/hosts."""
+        """argv running `command` (sh) as node i: its network, its own mount + UTS namespaces, its /etc/hosts
+        (and its freezer subtree, with proctrack/cgroup)."""
+        mounts = f"mount --bind {self.root / 'hosts'} /etc/hosts"
+        if proctrack() == "proctrack/cgroup":
+            (FREEZER / self.tag).mkdir(exist_ok=True)
+            mounts += f" && mount --bind {FREEZER / self.tag} {FREEZER}"
         return ["nsenter", f"--net=/run/netns/{self.netns[i]}", "unshare", "--mount", "--uts", "--propagation",
-                "private", "sh", "-c", f"mount --bind {self.root / 'hosts'} /etc/hosts && hostname {self.names[i]} "
-                f"&& exec {command}"]
+                "private", "sh", "-c", f"{mounts} && hostname {self.names[i]} && exec {command}"]
 
     def start(self) -> "NetnsCluster":
         r = self.root
@@ -129,6 +114,7 @@ class NetnsCluster(SlurmCluster):
                               "State=UNKNOWN" for n, a in zip(self.names, self.addrs))
             self.conf.write_text(slurm_conf(r, f"{self.host}({self.ctl_addr})", free_port(), free_port(), nodes,
                                             spool=f"{r}/spool/%n", auth=f"socket={r}/munge/munge.sock,"))
+            (r / "cgroup.conf").write_text(CGROUP_CONF)
             self._spawn(["unshare", "--uts", "sh", "-c", f"hostname {self.host} && exec /usr/sbin/slurmctld -D "
                          f"-f {self.conf}"], "slurmctld")
             for i, n in enumerate(self.names):
@@ -158,3 +144,5 @@ class NetnsCluster(SlurmCluster):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         if self.made_links:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        time.sleep(0.5)  # the processes killed above leave their cgroups
+        remove_freezer(self.tag)

@@ -354,3 +354,26 @@ def test_one_score_report_has_no_score_section(tmp_path):
     runs = [_run(tmp_path, f"{a}{s}", a, s) for a in ("ce", "kl") for s in (0, 1)]
     md, _ = make_report([str(r) for r in runs], tmp_path / "out")
     assert "score" not in md.split("\n", 3)[3] and not (tmp_path / "out" / "accuracy_by_score.png").exists()
+
+
+def test_cli_finds_each_keep_ratios_pruned_eval_under_one_dir(tmp_path, capsys):
+    """report.pruned_eval=DIR with one evaluation per pruned model under it (slurm/reproduce.sh's layout):
+    each group gets its own pruned model's row and comparisons, matched by plan hash."""
+    runs = [_run(tmp_path, f"ce_{k}", "ce", acc=0.5, keep=k, plan=p) for k, p in ((0.5, "a" * 64), (0.3, "b" * 64))]
+    for (keep, plan), acc in zip(((0.5, "a" * 64), (0.3, "b" * 64)), (0.3, 0.2)):
+        d = tmp_path / "eval" / "pruned" / f"keep{keep}"
+        _write_eval(d, _probs(*_pattern(acc, 4)), params=700)
+        ev = json.loads((d / "eval.json").read_text())
+        (d / "eval.json").write_text(json.dumps(ev | {"model": {"pruning_plan_sha256": plan, "params": 700}}))
+    out = tmp_path / "report"
+    assert cli.main(["report", *map(str, runs), f"report.pruned_eval={tmp_path / 'eval' / 'pruned'}",
+                     f"report.output_dir={out}"]) == 0
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert sorted((r["keep_ratio"], r["name"]) for r in rows if r["row_type"] == "comparison") == \
+        [("0.3", "ce-pruned"), ("0.5", "ce-pruned")]
+    md = (out / "report.md").read_text()
+    assert md.count("| pruned, before recovery |") == 2 and md.count("| CE − pruned |") == 2
+    capsys.readouterr()
+    assert cli.main(["report", str(runs[0]), f"report.pruned_eval={tmp_path / 'nothing'}",
+                     f"report.output_dir={out}"]) == 2
+    assert "config field 'report.pruned_eval': no eval.json at or under" in capsys.readouterr().err

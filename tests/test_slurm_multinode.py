@@ -1,6 +1,7 @@
 """The Slurm templates on a real 2-node cluster (two network namespaces on a bridge, tests/netns_cluster.py):
-the KL arm on 2 nodes x 1 rank with each launcher equals the 1-node curve; a preemption notice with each
-launcher, on a deliberately loaded CPU, ends in checkpoint -> requeue -> the same curve and eval; a rank
+the KL arm on 2 nodes x 1 rank with each launcher equals the 1-node curve; a preemption notice or SIGTERM to
+the step with each launcher, on a deliberately loaded CPU, ends in checkpoint -> one requeue -> the same curve
+and eval; a rank
 killed on node 2 fails the job within seconds and a resubmission resumes from the last complete checkpoint;
 the reproduction graph with several seeds runs to a report. Skipped, with the reason, where not root, where
 Slurm or iproute2 is missing, or where network namespaces cannot be created."""
@@ -37,8 +38,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    w = make_work(tmp_path_factory.mktemp("mnwork"))
+def work(slurm_models, tmp_path_factory):
+    w = make_work(slurm_models, tmp_path_factory.mktemp("mnwork"))
     w["overrides"] = [o for o in w["overrides"] if not o.startswith("train.save_every")] + ["train.save_every=4"]
     return w
 
@@ -97,24 +98,60 @@ def one_node_run(cluster, work):
     return run
 
 
-@pytest.mark.parametrize("launcher,when", [("srun", "mid-training"), ("torchrun", "at start-up")])
-def test_preemption_requeues_and_matches_on_a_loaded_cpu(cluster, work, one_node_run, launcher, when):
-    """2 nodes x 1 rank with each launcher equals the 1-node run, through a preemption: a notice during
-    training, and one that lands while the ranks are still starting (before their handler is up), each ends
-    in a checkpoint and a requeue, never in a rank killed by the signal."""
-    run = work["root"] / f"preempt_{launcher}"
+PREEMPTIONS = [("srun", "USR1", "mid-training"), ("torchrun", "USR1", "at start-up"), ("srun", "TERM", "mid-training"),
+               ("torchrun", "TERM", "mid-training")]
+
+
+def stop_moment_reached(run: Path, log: Path, when: str) -> bool:
+    if when == "mid-training":
+        return n_losses(run) >= 3
+    return log.exists() and "on node1" in log.read_text()  # the batch script started, the ranks not yet
+
+
+@pytest.fixture(scope="module")
+def preemptions(cluster, work):
+    """Every preemption job submitted at once, each stopped once at its moment, all on a loaded CPU: their
+    start-ups, requeue delays (cred_expire) and restarts overlap instead of adding up (Slurm runs two of
+    them at a time: each takes one CPU of each node). -> {case: (scontrol fields, log text, run dir)}."""
+    jobs = {}
     with cpu_load():
-        job, log = run_job(cluster, work, f"pre_{launcher}", f"train.output_dir={run}", launcher=launcher)
-        if when == "mid-training":
-            poll(lambda: n_losses(run) >= 3, 240, "3 training steps")
-        else:
-            poll(lambda: log.exists() and "on node1" in log.read_text(), 240, "the batch script starting")
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
-        st, out = finished(cluster, job, log, timeout=400)
-    assert int(st.get("Restarts", "0")) >= 1, out[-4000:]
+        for launcher, signal_name, when in PREEMPTIONS:
+            run = work["root"] / f"preempt_{launcher}_{signal_name}"
+            job, log = run_job(cluster, work, f"pre_{launcher}_{signal_name}", f"train.output_dir={run}",
+                               launcher=launcher)
+            jobs[launcher, signal_name, when] = job, log, run
+        pending = dict(jobs)
+        deadline = time.time() + 600
+        while pending:
+            for (launcher, signal_name, when), (job, log, run) in list(pending.items()):
+                if stop_moment_reached(run, log, when):
+                    # USR1 to the batch shell, which forwards it (slurm/common.sh); SIGTERM to every step
+                    # but the batch step: every launcher, torchrun agent and rank, as GraceTime preemption
+                    where = ["--batch"] if signal_name == "USR1" else []
+                    subprocess.run(["scancel", f"--signal={signal_name}", *where, job], env=cluster.env, check=True)
+                    del pending[launcher, signal_name, when]
+            assert time.time() < deadline, f"no stop moment after 600s: {pending}"
+            time.sleep(0.1)
+        results = {}
+        for case, (job, log, run) in jobs.items():
+            st = cluster.wait(job, timeout=600)
+            results[case] = st, log.read_text() if log.exists() else "", run
+    return results
+
+
+@pytest.mark.parametrize("launcher,signal_name,when", PREEMPTIONS)
+def test_preemption_requeues_and_matches_on_a_loaded_cpu(preemptions, one_node_run, launcher, signal_name, when):
+    """2 nodes x 1 rank with each launcher equals the 1-node run, through one stop: a notice (USR1) during
+    training, one that lands while the ranks are still starting (before their handler is up), or SIGTERM to
+    every process of the step (launchers, torchrun's agents, ranks) as scancel and preemption with GraceTime
+    send it. Each ends in a complete checkpoint and exactly one requeue, never in a killed rank or step."""
+    st, out, run = preemptions[launcher, signal_name, when]
+    assert st["JobState"] == "COMPLETED", f"{st.get('JobState')}: {out[-4000:]}"
+    assert st.get("Restarts") == "1", f"{st.get('Restarts')} restarts: {out[-4000:]}"  # one stop, one requeue
     assert st["NodeList"] == "node[1-2]" and json.loads((run / "done.json").read_text())["launch"]["world_size"] == 2
     assert "checkpointed and stopped" in out and "requeueing" in out and "resuming from" in out
-    assert "User defined signal" not in out and "killed by" not in out  # no rank was killed by a notice
+    assert "User defined signal" not in out and "killed by" not in out  # no rank was killed by the stop
+    assert "Terminated" not in out and not re.search(r"distill-dist\[\d+\]: failed", out)  # no task killed
     assert losses(run) == losses(one_node_run)  # bit for bit, across the requeue
     assert eval_of(run) == eval_of(one_node_run)
 
@@ -153,8 +190,8 @@ def test_killed_rank_fails_fast_and_a_resubmission_resumes(cluster, work, one_no
 
 def test_reproduce_graph_with_seeds_runs_to_a_report(cluster, work):
     """slurm/reproduce.sh on 2 nodes at the smallest sizes: every arm x seed is its own run (train.seed),
-    every checkpoint goes to the edge (GGUF + llama.cpp eval, on 1 CPU here: EDGE_ARGS), the report job gets
-    all of them."""
+    every checkpoint goes to the edge (GGUF + llama.cpp eval, on 1 CPU here: EDGE_ARGS), the pruned model is
+    evaluated before recovery, the report job gets all of them."""
     out = work["root"] / "repro"
     env = {**cluster.env, **work["env"], "OUT": str(out), "KEEP_RATIOS": "0.5", "DATA_SIZES": "120", "SEEDS": "0 1",
            "TEACHER_SOURCE": "live", "SBATCH_ARGS": "--gres=none --time=15",
@@ -176,6 +213,8 @@ def test_reproduce_graph_with_seeds_runs_to_a_report(cluster, work):
     assert all(str(r) in report_log for r in runs)  # the report got every run
     report_md = (out / "report" / "report.md").read_text()
     assert "### On the edge device" in report_md and "q8_0" in report_md  # the edge evals reached the report
+    for row in ("| pruned, before recovery |", "| KL − pruned |", "| CE − pruned |"):  # the pruned model's eval did
+        assert row in report_md, report_md
     edge_evals = sorted(p.parent.parent.name for p in (out / "edge").rglob("eval-q8_0/eval.json"))
     assert edge_evals == sorted(["teacher", "pruned", "ce_s0", "ce_s1", "kl_s0", "kl_s1"])
     for arm in ("ce", "kl"):

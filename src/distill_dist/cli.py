@@ -156,10 +156,10 @@ def cmd_cache_teacher(cfg: RunConfig, verify: bool = False) -> dict | None:
 # ---------------------------------------------------------------- report
 
 def cmd_report(cfg: RunConfig) -> str:
-    from .report import make_report
+    from .report import make_report, pruned_eval_paths
 
     md, _ = make_report(cfg.report.runs, cfg.report.output_dir, cfg.report.teacher_eval,
-                        [cfg.report.pruned_eval] if cfg.report.pruned_eval else [], cfg.report.edge)
+                        pruned_eval_paths(cfg.report.pruned_eval), cfg.report.edge)
     print(md)
     from .report import EDGE_CSV, EDGE_PLOT, PLOTS
 

@@ -208,6 +208,21 @@ def _load_baseline(path: str | None, field_name: str) -> dict | None:
     return ev | {"source": str(eval_dir), "examples": rows}
 
 
+def pruned_eval_paths(path: str | None) -> list[str]:
+    """report.pruned_eval: one evaluation (eval.json or its directory), or a directory holding several (one
+    per keep ratio and score, as slurm/reproduce.sh writes them); each is matched to its runs by plan hash."""
+    if not path:
+        return []
+    p = Path(path)
+    if p.is_file() or (p / "eval.json").is_file():
+        return [path]
+    found = sorted(str(f.parent) for f in p.rglob("eval.json")
+                   if json.loads(f.read_text()).get("backend") != "llamacpp") if p.is_dir() else []
+    if not found:
+        raise ReportError(f"config field 'report.pruned_eval': no eval.json at or under '{p}'")
+    return found
+
+
 def _pruned_matches(pruned: dict, run: dict) -> bool:
     """Is this evaluation of the pruned checkpoint the run started from? By plan hash (recorded by
     `distill-dist eval`, else read beside the checkpoint), else by parameter count."""
