@@ -80,7 +80,9 @@ def save(engine, root: Path, step: int, keep: int) -> None:
     if rt.is_main and tag_dir.exists():
         shutil.rmtree(tag_dir)
     runtime.barrier(slow=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    # Frozen parameters (a LoRA run's base) are not written: the run reloads them from the student unchanged.
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=True)
     torch.save(rng_state(), tag_dir / f"rng_rank{rt.rank}.pt.tmp")
     (tag_dir / f"rng_rank{rt.rank}.pt.tmp").replace(tag_dir / f"rng_rank{rt.rank}.pt")
     runtime.barrier(slow=True)

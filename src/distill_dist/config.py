@@ -29,6 +29,9 @@ SPLITS = ("train", "validation", "test")
 # GGUF types `distill-dist export` writes: the converter's f32, then llama.cpp's quantizer for the rest.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 EVAL_BACKENDS = ("torch", "llamacpp")
+ADAPTERS = ("full", "lora")
+# Every linear projection of attention and MLP in OLMo2, Llama and Gemma 3 (not the LM head or embeddings).
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -205,6 +208,17 @@ class TrainConfig:
     ds_overrides: Dict[str, Any] = field(default_factory=dict)
     eval_after: bool = True
     tensorboard: bool = False
+    # What recovery trains: full = every parameter of the student; lora = low-rank adapters (peft) on
+    # train.lora_targets with the base frozen, merged back into a standard checkpoint as final/.
+    adapter: str = "full"
+    # lora: the rank r of each adapter pair (A: r x in, B: out x r).
+    lora_rank: int = 16
+    # lora: the adapter's output is scaled by lora_alpha / lora_rank.
+    lora_alpha: float = 32.0
+    # lora: dropout on each adapter's input while training (0 keeps 1-rank and N-rank runs equal).
+    lora_dropout: float = 0.0
+    # lora: module names (the last part of a dotted name) that get adapters; each must match a linear module.
+    lora_targets: List[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
     @property
     def loss_kind(self) -> str:
@@ -421,6 +435,12 @@ def _check_train(tr) -> None:
     _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
     _require(tr.io_timeout_minutes > 0, "train.io_timeout_minutes", "a positive number", tr.io_timeout_minutes)
     _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
+    _require(tr.adapter in ADAPTERS, "train.adapter", " or ".join(ADAPTERS), tr.adapter)
+    _require(tr.lora_rank >= 1, "train.lora_rank", "an integer >= 1", tr.lora_rank)
+    _require(tr.lora_alpha > 0, "train.lora_alpha", "a positive number", tr.lora_alpha)
+    _require(0 <= tr.lora_dropout < 1, "train.lora_dropout", "a number in [0, 1)", tr.lora_dropout)
+    _require(len(tr.lora_targets) > 0 and all(t.strip() for t in tr.lora_targets), "train.lora_targets",
+             "a non-empty list of module names (e.g. [q_proj, v_proj])", tr.lora_targets)
 
 
 def _check_eval(e) -> None:

@@ -1,0 +1,149 @@
+"""train.adapter=lora: peft adapters on the pruned student, trained by the same recipe as a full run and merged
+into a standard checkpoint. Against peft itself: the merged final/ equals `merge_and_unload()` of the pruned
+student with the run's saved adapters tensor for tensor (so every base weight is bit-identical to the
+student's until the merge), and its float32 logits equal the unmerged PeftModel's within 1e-5. Real DeepSpeed
+ZeRO-3: 2 gloo ranks equal 1 process per step, and a run stopped by a signal and resumed equals the
+uninterrupted one bit for bit. Bad settings are one line and exit 2 on every rank."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import as_ranks, assert_same_refusal, make_teacher_and_student
+from safetensors.torch import load_file
+from test_train import REPO, metrics, torchrun
+from transformers import AutoModelForCausalLM
+
+from distill_dist import cli
+
+STEPS = 12
+LORA = ["train.adapter=lora", "train.lora_rank=4", "train.lora_alpha=8", "train.lr=3e-3", "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    data, _ = make_teacher_and_student(root, n_train=96, n_dev=24, data_seed=5, model_seed=2, teacher_steps=40)
+    base = [f"model.path={root / 'teacher'}", f"train.student={root / 'pruned'}", f"data.path={data}",
+            "data.max_length=64", "train.micro_batch_size=2", "train.save_every=0", "eval.limit=16",
+            "eval.batch_size=16", f"output_dir={root}",
+            "train.ds_overrides={zero_optimization.stage3_param_persistence_threshold: 0}",
+            f"train.ds_config={REPO / 'ds_configs/student_zero3.json'}",
+            f"train.teacher_ds_config={REPO / 'ds_configs/teacher_zero3_inference.json'}", *LORA]
+    return {"root": root, "data": data, "base": base}
+
+
+def peft_student(student: Path, adapter: Path):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+@pytest.mark.parametrize("arm,fmt", [("ce", "mc"), ("kl", "cloze")])
+def test_merged_final_equals_peft_merge_and_only_adapters_train(setup, arm, fmt):
+    run = setup["root"] / f"one_{arm}_{fmt}"
+    assert cli.main(["train", *setup["base"], f"train.arm={arm}", f"data.format={fmt}", "train.max_steps=6",
+                     f"train.output_dir={run}"]) == 0
+    pruned, final = load_file(setup["root"] / "pruned" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    assert final.keys() == pruned.keys()  # the standard names and the pruned shapes, no adapter tensors
+    assert all(final[k].shape == pruned[k].shape for k in final)
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())  # the adapters trained
+    meta = json.loads((run / "run_meta.json").read_text())["adapter"]
+    assert meta["trainable_params"] == sum(v.numel() for v in adapter.values())
+    assert meta["trainable_share"] == pytest.approx(meta["trainable_params"] / sum(v.numel() for v in pruned.values()))
+    targeted = [k for k in final if any(f".{t}." in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"))]
+    assert targeted and all(not torch.equal(final[k], pruned[k]) for k in targeted)
+    for k in final.keys() - set(targeted):  # embeddings, norms, LM head: never trained
+        assert torch.equal(final[k], pruned[k]), k
+    # peft's own merge of the untouched student and the saved adapters: the same tensors bit for bit, which
+    # also shows each base weight stayed the student's until the merge
+    model = peft_student(setup["root"] / "pruned", run / "adapter")
+    ids = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+        merged = model.merge_and_unload().state_dict()
+        final_logits = AutoModelForCausalLM.from_pretrained(run / "final").eval()(input_ids=ids).logits
+    for k in final:
+        assert torch.equal(final[k], merged[k]), k
+    assert peft_logits.abs().max() > 1
+    torch.testing.assert_close(final_logits, peft_logits, rtol=0, atol=1e-5)
+    done = json.loads((run / "done.json").read_text())
+    assert done["eval"]["n"] == 16 and done["adapter"]["kind"] == "lora"
+
+
+@pytest.fixture(scope="module")
+def zero3_lora(setup):
+    """The uninterrupted 2-rank ZeRO-3 KL LoRA run (live teacher) the equivalence and resume tests compare with."""
+    run = setup["root"] / "zero3_lora"
+    torchrun(setup["base"] + ["train.arm=kl", f"train.max_steps={STEPS}", f"train.output_dir={run}"])
+    return run
+
+
+@pytest.mark.multirank
+def test_zero3_two_ranks_equal_one_process(setup, zero3_lora):
+    one = setup["root"] / "one_rank_lora"
+    assert cli.main(["train", *setup["base"], "train.arm=kl", f"train.max_steps={STEPS}", "train.grad_accum=2",
+                     f"train.output_dir={one}"]) == 0
+    a, b = metrics(zero3_lora), metrics(one)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b):  # the full-parameter equivalence test's tolerance (test_train.py)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=2e-6)
+    assert sum(m["loss"] for m in a[-3:]) < sum(m["loss"] for m in a[:3])  # it learns
+    wa, wb = (load_file(r / "final" / "model.safetensors") for r in (zero3_lora, one))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    shards = [json.loads((zero3_lora / "sharding" / f"rank{r}.json").read_text())["student"] for r in (0, 1)]
+    adapters = {n: v for n, v in shards[0].items() if ".lora_" in n}
+    assert adapters and all(local == -(-full // 2) for local, full in adapters.values())  # partitioned too
+
+
+@pytest.mark.multirank
+def test_signal_then_resume_equals_uninterrupted(setup, zero3_lora):
+    import signal
+    import time
+
+    import psutil
+
+    run = setup["root"] / "resumed_lora"
+    args = setup["base"] + ["train.arm=kl", f"train.max_steps={STEPS}", f"train.output_dir={run}"]
+    proc = torchrun(args, wait=False)
+    workers, deadline = [], time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3:
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
+            for w in workers:
+                w.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert workers and "exiting with 75" in out, out[-3000:]
+    assert 3 <= len(metrics(run)) < STEPS
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < 2e6  # adapters + their optimizer state
+    torchrun(args)
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(zero3_lora)]  # bit for bit
+    assert [m["grad_norm"] for m in metrics(run)] == [m["grad_norm"] for m in metrics(zero3_lora)]
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, zero3_lora))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("train.lora_rank=0", "config field 'train.lora_rank' = 0: expected an integer >= 1"),
+    ("train.lora_targets=[]", "config field 'train.lora_targets' = []: expected a non-empty list"),
+    ("train.lora_dropout=1.0", "config field 'train.lora_dropout' = 1.0: expected a number in [0, 1)"),
+    ("train.adapter=qlora", "config field 'train.adapter' = 'qlora': expected full or lora")])
+def test_bad_settings_are_one_line_exit_2(setting, expected, capsys):
+    assert cli.main(["train", "train.adapter=lora", setting]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("distill-dist")]
+    assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.multirank
+def test_a_target_matching_no_module_is_refused_on_every_rank(refusal_env, tmp_path):
+    codes, errs, seconds = as_ranks(refusal_env["base"] + ["train.adapter=lora", "train.lora_targets=[q_proj,qkv]",
+                                                           f"train.output_dir={tmp_path / 'r'}"])
+    assert_same_refusal(codes, errs, seconds, "config field 'train.lora_targets': 'qkv' matches no linear module")
