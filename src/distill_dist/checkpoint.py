@@ -152,7 +152,8 @@ def resume(engine, root: Path, step: int) -> int:
     if step == 0:
         return 0
     tag_dir, _ = latest(root)
-    path, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())  # not saved (see save): not expected
+    path, client = engine.load_checkpoint(str(root), tag=tag_dir.name, load_module_strict=not frozen)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     set_rng_state(torch.load(tag_dir / f"rng_rank{runtime.get().rank}.pt", weights_only=False))
