@@ -147,3 +147,39 @@ def test_a_target_matching_no_module_is_refused_on_every_rank(refusal_env, tmp_p
     codes, errs, seconds = as_ranks(refusal_env["base"] + ["train.adapter=lora", "train.lora_targets=[q_proj,qkv]",
                                                            f"train.output_dir={tmp_path / 'r'}"])
     assert_same_refusal(codes, errs, seconds, "config field 'train.lora_targets': 'qkv' matches no linear module")
+
+
+@pytest.mark.parametrize("arm", ["ce", "kl"])
+def test_tinystories_lora_final_exports_to_gguf_and_scores_in_llamacpp(arm, tinystories_dir, csqa_dir, tmp_path):
+    """A real pretrained Llama (TinyStories-656K, tied embeddings) pruned to half its MLP, recovered with
+    adapters; its merged final/ goes through `distill-dist export` and `distill-dist eval eval.backend=llamacpp`
+    unchanged, and llama.cpp's per-choice log-likelihoods of the f32 file equal transformers' on final/."""
+    import numpy as np
+
+    pytest.importorskip("llama_cpp", reason="the llama.cpp runtime is not installed (bash setup.sh installs it)")
+    from distill_dist import export as export_mod
+    from distill_dist.errors import ConfigError
+    from distill_dist.prune import prune_checkpoint
+
+    try:
+        export_mod.converter_dir()
+    except ConfigError as e:
+        pytest.skip(str(e))
+    prune_checkpoint(tinystories_dir, tmp_path / "pruned", 0.5, log=lambda *a: None)
+    common = [f"model.path={tinystories_dir}", f"data.path={csqa_dir}", "data.train_examples=48", "data.max_length=128",
+              "eval.limit=24", "eval.threads=[1]", f"output_dir={tmp_path}"]
+    run = tmp_path / arm
+    assert cli.main(["train", *common, f"train.student={tmp_path / 'pruned'}", f"train.arm={arm}", "train.max_steps=4",
+                     "train.micro_batch_size=4", "train.save_every=0", f"train.output_dir={run}", *LORA]) == 0
+    assert cli.main(["export", *common, f"export.model={run / 'final'}", "export.types=[f32,q8_0]", "export.threads=1"]) == 0
+    gguf = tmp_path / "gguf" / arm
+    scores = {}
+    for t in ("f32", "q8_0"):
+        out = tmp_path / f"eval_{t}"
+        assert cli.main(["eval", *common, "eval.backend=llamacpp", f"eval.model={gguf / export_mod.gguf_name(t)}",
+                         f"eval.output_dir={out}"]) == 0
+        scores[t] = np.array([json.loads(l)["logliks"] for l in (out / "examples.jsonl").read_text().splitlines()])
+        assert json.loads((out / "eval.json").read_text())["metrics"]["n"] == 24
+    torch_rows = [json.loads(l)["logliks"] for l in (run / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert np.abs(scores["f32"] - np.array(torch_rows)).max() < 1e-3  # test_edge.py's PARITY_TOL
+    assert np.isfinite(scores["q8_0"]).all()
