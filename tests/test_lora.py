@@ -183,3 +183,34 @@ def test_tinystories_lora_final_exports_to_gguf_and_scores_in_llamacpp(arm, tiny
     torch_rows = [json.loads(l)["logliks"] for l in (run / "eval" / "examples.jsonl").read_text().splitlines()]
     assert np.abs(scores["f32"] - np.array(torch_rows)).max() < 1e-3  # test_edge.py's PARITY_TOL
     assert np.isfinite(scores["q8_0"]).all()
+
+
+def test_report_keeps_lora_arms_apart_from_full_arms(tmp_path):
+    """Full and LoRA runs of one pruning, schedule and questions: two groups, the LoRA one headed by its rank and
+    trainable share, its arms named 'CE·LoRA r16' / 'KL·LoRA r16'; no comparison pairs a LoRA arm with a full one.
+    LoRA runs whose settings differ are refused in one group."""
+    from test_report import _edit, _run
+
+    from distill_dist.report import ReportError, make_report
+
+    adapter = {"kind": "lora", "rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["q_proj"],
+               "trainable_params": 12, "trainable_share": 0.012}
+    runs = [_run(tmp_path, f"{arm}_{kind}_{seed}", arm, seed=seed, acc=0.4 + 0.1 * (kind == "lora"))
+            for arm in ("ce", "kl") for kind in ("full", "lora") for seed in (0, 1)]
+    for r in runs:
+        if "_lora_" in r.name:
+            _edit(r, "adapter", adapter)
+    md, rows = make_report([str(r) for r in runs], tmp_path / "report")
+    sections = md.split("\n## ")[1:]
+    assert len(sections) == 2
+    full, lora_group = sections
+    assert "LoRA" not in full.split("\n")[0] and "| CE | 0, 1 |" in full and "KL − CE" in full
+    assert "LoRA r16 (alpha 32, 1.20% of parameters trained)" in lora_group.split("\n")[0]
+    assert "| CE·LoRA r16 | 0, 1 |" in lora_group and "KL·LoRA r16 − CE·LoRA r16" in lora_group
+    names = {r["name"] for r in rows if r["row_type"] == "comparison"}
+    assert all(("LoRA" in n.split(" − ")[0]) == ("LoRA" in n.split(" − ")[-1]) for n in names if "−" in n
+               and all(k in n for k in ("CE", "KL"))), names
+    assert "| 0.5 | 1000 | LoRA r16 | 0, 1 |" in md  # the overview names the adapter of each group
+    _edit(runs[3], "adapter", adapter | {"alpha": 16.0})
+    with pytest.raises(ReportError, match=r"their adapter.alpha differ \(32.0 vs 16.0\)"):
+        make_report([str(r) for r in runs], tmp_path / "report2")
