@@ -214,3 +214,26 @@ def test_report_keeps_lora_arms_apart_from_full_arms(tmp_path):
     _edit(runs[3], "adapter", adapter | {"alpha": 16.0})
     with pytest.raises(ReportError, match=r"their adapter.alpha differ \(32.0 vs 16.0\)"):
         make_report([str(r) for r in runs], tmp_path / "report2")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     ["self_attn.v_proj", "down_proj"]])
+def test_plan_prices_the_adapters_peft_creates(tiny_olmo2_dir, targets):
+    """plan.py's adapter count from the config alone equals the parameters peft actually makes trainable on the
+    real model; the one-GPU rows price the frozen base at its weights only."""
+    from peft import LoraConfig, get_peft_model
+
+    from distill_dist.config import load_config
+    from distill_dist.plan import ModelShape, costed_plan, lora_params, model_states
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_olmo2_dir)
+    shape = ModelShape.from_config(model.config)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    assert lora_params(shape, 8, targets) == sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
+    cfg = load_config(None, ["prune.schedule=[1.0]", "model.dtype=bfloat16", "train.lora_rank=8", f"train.lora_targets=[{','.join(targets)}]"])
+    og = costed_plan(cfg, json.loads((tiny_olmo2_dir / "config.json").read_text()))["one_gpu"]
+    n, a = og["full"]["trainable_params"], og["lora"]["trainable_params"]
+    assert a == lora_params(shape, 8, targets) and n == shape.params()
+    steady = {k: model_states(k_n, 1, 2)["peak"] for k, k_n in (("full", n), ("adapters", a))}
+    assert og["lora"]["model_states"] == pytest.approx(2 * n + steady["adapters"])  # base: 2 bytes/param, bf16
+    assert og["full"]["model_states"] == pytest.approx(steady["full"])
