@@ -237,3 +237,21 @@ def test_plan_prices_the_adapters_peft_creates(tiny_olmo2_dir, targets):
     steady = {k: model_states(k_n, 1, 2)["peak"] for k, k_n in (("full", n), ("adapters", a))}
     assert og["lora"]["model_states"] == pytest.approx(2 * n + steady["adapters"])  # base: 2 bytes/param, bf16
     assert og["full"]["model_states"] == pytest.approx(steady["full"])
+
+
+def test_demo_lora_option_adds_one_lora_run_per_arm_to_the_headline_group(tmp_path):
+    from distill_dist.config import load_config
+    from distill_dist.demo import arm_command, plan_runs
+
+    plain = plan_runs(load_config(None, ["demo.seeds=2"]), tmp_path)[0]
+    headline, curves = plan_runs(load_config(None, ["demo.seeds=2", "demo.lora=true", "demo.lora_lr=2e-3"]), tmp_path)
+    assert headline[:len(plain)] == plain and all(r.lora_lr is None for r in plain + curves)
+    extra = headline[len(plain):]
+    assert [(r.arm, r.seed, r.lora_lr, r.ranks) for r in extra] == [("ce", 0, 2e-3, 2), ("kl", 0, 2e-3, 2)]
+    assert [r.output_dir.parent for r in extra] == [plain[0].output_dir.parent] * 2  # the headline group's cell
+    cmd = arm_command(tmp_path / "demo_config.yaml", extra[1])
+    overrides = cmd[cmd.index("--config") + 2:]
+    cfg = load_config(None, overrides)
+    assert (cfg.train.adapter, cfg.train.lr, cfg.train.arm, cfg.train.output_dir) == \
+        ("lora", 2e-3, "kl", str(tmp_path / "keep0.5" / "n8000" / "kl_lora_s0"))
+    assert "train.adapter=lora" not in arm_command(tmp_path / "demo_config.yaml", plain[1])

@@ -251,6 +251,11 @@ class DemoConfig:
     # The plots' other points: one seed per arm at each further keep ratio x training-set size.
     curve_keep_ratios: List[float] = field(default_factory=lambda: [0.3])
     curve_train_examples: List[int] = field(default_factory=lambda: [1000])
+    # One LoRA run (seed 0, train.adapter=lora at train.lora_*) per arm beside the headline group's full runs,
+    # on the same questions: the report's LoRA group and its GGUF rows.
+    lora: bool = False
+    # The LoRA runs' learning rate (adapters start at B = 0 and take larger steps than full recovery).
+    lora_lr: float = 3e-3
 
 
 @dataclass
@@ -466,6 +471,7 @@ def _check_gguf_import(g) -> None:
 
 
 def _check_demo(d) -> None:
+    _require(d.lora_lr > 0, "demo.lora_lr", "a positive number", d.lora_lr)
     for i, r in enumerate(d.curve_keep_ratios):
         _require(0.0 < r <= 1.0, f"demo.curve_keep_ratios[{i}]", "a keep ratio in (0, 1]", r)
     for i, n in enumerate(d.curve_train_examples):
