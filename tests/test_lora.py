@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import as_ranks, assert_same_refusal, make_teacher_and_student
+from conftest import as_ranks, assert_same_refusal, randomize_
 from safetensors.torch import load_file
 from test_train import REPO, metrics, torchrun
 from transformers import AutoModelForCausalLM
@@ -22,8 +22,23 @@ LORA = ["train.adapter=lora", "train.lora_rank=4", "train.lora_alpha=8", "train.
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A tiny OLMo2 teacher whose every weight matters (conftest.randomize_: untrained, its MLP far from
+    negligible, so the pruned student's KL to it is ~0.1 nats, not the ~1e-5 of a briefly trained one) and its
+    pruned student."""
+    from distill_dist.config import TinyModelConfig
+    from distill_dist.models import build_tiny_model
+    from distill_dist.prune import prune_checkpoint
+    from distill_dist.synthetic import train_tokenizer, write_synthetic_csqa
+
     root = tmp_path_factory.mktemp("lora")
-    data, _ = make_teacher_and_student(root, n_train=96, n_dev=24, data_seed=5, model_seed=2, teacher_steps=40)
+    data = write_synthetic_csqa(root / "data", n_train=96, n_dev=24, n_test=4, seed=5)
+    tok = train_tokenizer(data)
+    teacher = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=128, num_heads=2, num_kv_heads=2,
+                                               seed=2), tok)
+    randomize_(teacher, 2, std=0.3)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    prune_checkpoint(root / "teacher", root / "pruned", 0.25, log=lambda *a: None)
     base = [f"model.path={root / 'teacher'}", f"train.student={root / 'pruned'}", f"data.path={data}",
             "data.max_length=64", "train.micro_batch_size=2", "train.save_every=0", "eval.limit=16",
             "eval.batch_size=16", f"output_dir={root}",
@@ -255,3 +270,21 @@ def test_demo_lora_option_adds_one_lora_run_per_arm_to_the_headline_group(tmp_pa
     assert (cfg.train.adapter, cfg.train.lr, cfg.train.arm, cfg.train.output_dir) == \
         ("lora", 2e-3, "kl", str(tmp_path / "keep0.5" / "n8000" / "kl_lora_s0"))
     assert "train.adapter=lora" not in arm_command(tmp_path / "demo_config.yaml", plain[1])
+
+
+def test_kl_lora_from_a_full_vocab_cache_equals_the_live_teacher(setup, tmp_path):
+    """teacher.source=cache with every log-prob stored (top_k = vocab, float32) is the live teacher exactly:
+    a LoRA run from it follows the live LoRA run's losses, as test_cache.py shows for full runs."""
+    from distill_dist.hf_checkpoint import read_model_config
+
+    vocab = read_model_config(setup["root"] / "teacher")["vocab_size"]
+    exact = ["teacher.dtype=float32", f"teacher.top_k={vocab}", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    assert cli.main(["cache-teacher", *setup["base"], *exact, "train.positions=all"]) == 0
+    args = ["train", *setup["base"], *exact, "train.arm=kl", "train.positions=all", "train.max_steps=4",
+            "train.eval_after=false"]
+    assert cli.main(args + ["teacher.source=live", f"train.output_dir={tmp_path / 'live'}"]) == 0
+    assert cli.main(args + ["teacher.source=cache", f"train.output_dir={tmp_path / 'cached'}"]) == 0
+    live, cached = ([m["loss"] for m in metrics(tmp_path / r)] for r in ("live", "cached"))
+    assert len(live) == 4 and live[-1] < live[0]
+    assert live[0] > 1e-3 and cached == pytest.approx(live, rel=1e-4, abs=2e-6)  # the equivalence tests' tolerance
+    assert json.loads((tmp_path / "cached" / "run_meta.json").read_text())["adapter"]["kind"] == "lora"
