@@ -288,3 +288,25 @@ def test_kl_lora_from_a_full_vocab_cache_equals_the_live_teacher(setup, tmp_path
     assert len(live) == 4 and live[-1] < live[0]
     assert live[0] > 1e-3 and cached == pytest.approx(live, rel=1e-4, abs=2e-6)  # the equivalence tests' tolerance
     assert json.loads((tmp_path / "cached" / "run_meta.json").read_text())["adapter"]["kind"] == "lora"
+
+
+def test_frozen_base_train_flops_match_torch_flop_counter():
+    """With every base weight frozen (LoRA's base; the adapters' own matmuls, ~rank/hidden of a layer's, left
+    out here) backward computes input gradients only: plan.train_flops(frozen=True) = forward + (forward +
+    attention again), by torch's own FLOP counter on a real OLMo2 (eager attention, LM head at every position)."""
+    from test_plan import SMALL
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from distill_dist.plan import ModelShape, train_flops
+
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM._from_config(Olmo2Config(**SMALL), attn_implementation="eager").requires_grad_(False)
+    shape = ModelShape.from_config(model.config)
+    B, L = 2, 40
+    embeds = model.get_input_embeddings()(torch.randint(0, 512, (B, L))).requires_grad_(True)  # what grads flow to
+    with FlopCounterMode(display=False) as both:
+        model(inputs_embeds=embeds).logits.float().pow(2).mean().backward()
+    assert embeds.grad.abs().max() > 0
+    assert both.get_total_flops() == pytest.approx(B * train_flops(shape, L, L, frozen=True), rel=0.01)
+    assert train_flops(shape, L, L, frozen=True) < 0.7 * train_flops(shape, L, L)

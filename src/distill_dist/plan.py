@@ -98,19 +98,26 @@ def student_shape(teacher: ModelShape, keep_ratio: float, round_to: int) -> Mode
 
 # ---------------------------------------------------------------- FLOPs
 
+def attention_flops(m: ModelShape, length: float) -> float:
+    """QK^T and AV of one sequence: 4*L^2*heads*head_dim per layer (causal half not discounted: PaLM's convention)."""
+    return 4 * m.layers * length * length * m.heads * m.hd
+
+
 def forward_flops(m: ModelShape, length: float, supervised: float) -> float:
-    """One sequence forward: 2 FLOPs per matmul weight per token, attention 4*L^2*heads*head_dim per layer
-    (QK^T and AV, causal half not discounted: the PaLM convention), LM head only at supervised positions."""
-    attn = 4 * m.layers * length * length * m.heads * m.hd
-    return 2 * length * m.body_matmul_params() + attn + 2 * supervised * m.vocab * m.hidden
+    """One sequence forward: 2 FLOPs per matmul weight per token, attention_flops, LM head only at supervised
+    positions."""
+    return 2 * length * m.body_matmul_params() + attention_flops(m, length) + 2 * supervised * m.vocab * m.hidden
 
 
 def train_flops(m: ModelShape, length: float, supervised: float, checkpointing: bool = False,
                 frozen: bool = False) -> float:
     """Forward + backward (2x forward); activation checkpointing recomputes one more forward. A frozen base
-    (train.adapter=lora) skips the weight-gradient half of backward: 1x forward for it (the adapters' own
-    matmuls, ~rank/hidden of the layer's, are not counted)."""
-    return ((1 if frozen else 2) + (2 if checkpointing else 1)) * forward_flops(m, length, supervised)
+    (train.adapter=lora) skips the weight gradients: its backward is the weight matmuls once (input gradients)
+    and attention twice (scores and values carry no weight; both their gradients are computed). The adapters'
+    own matmuls, ~rank/hidden of a layer's, are not counted."""
+    fwd = forward_flops(m, length, supervised)
+    backward = fwd + attention_flops(m, length) if frozen else 2 * fwd
+    return (2 if checkpointing else 1) * fwd + backward
 
 
 # ---------------------------------------------------------------- tokens
