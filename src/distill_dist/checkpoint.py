@@ -119,8 +119,10 @@ def save(engine, root: Path, step: int, keep: int) -> None:
     if rt.is_main and tag_dir.exists():
         shutil.rmtree(tag_dir)
     runtime.barrier(slow=True)
+    # Frozen parameters (a LoRA run's base) are not written: the run reloads them from the student unchanged.
     with _commit_waits_slow(engine):
-        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
     torch.save(rng_state(rt.device), tag_dir / f"rng_rank{rt.rank}.pt.tmp")
     (tag_dir / f"rng_rank{rt.rank}.pt.tmp").replace(tag_dir / f"rng_rank{rt.rank}.pt")
     runtime.barrier(slow=True)
@@ -190,7 +192,8 @@ def resume(engine, root: Path, step: int) -> int:
     if step == 0:
         return 0
     tag_dir, _ = latest(root)
-    path, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())  # not saved (see save): not expected
+    path, client = engine.load_checkpoint(str(root), tag=tag_dir.name, load_module_strict=not frozen)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     set_rng_state(torch.load(tag_dir / f"rng_rank{runtime.get().rank}.pt", weights_only=False), runtime.get().device)

@@ -30,6 +30,9 @@ SPLITS = ("train", "validation", "test")
 # Written in any case on input (llama.cpp spells them Q4_K_M, F16, ...); stored lower case.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 EVAL_BACKENDS = ("torch", "llamacpp")
+ADAPTERS = ("full", "lora")
+# Every linear projection of attention and MLP in OLMo2, Llama and Gemma 3 (not the LM head or embeddings).
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def option(default: Any = MISSING, *, help: str, factory: Any = MISSING, choices: tuple | None = None) -> Any:
@@ -252,6 +255,17 @@ class TrainConfig:
                                          "report` needs it.")
     tensorboard: bool = option(False, help="Also write TensorBoard scalars to <run dir>/tensorboard (needs the "
                                            "tensorboard package).")
+    adapter: str = option("full", choices=ADAPTERS,
+                          help="What recovery trains: full = every parameter of the student; lora = low-rank "
+                               "adapters (peft) on train.lora_targets with the base frozen, merged back into a "
+                               "standard checkpoint as final/.")
+    lora_rank: int = option(16, help="lora: the rank r of each adapter pair (A: r x in, B: out x r).")
+    lora_alpha: float = option(32.0, help="lora: the adapter's output is scaled by lora_alpha / lora_rank.")
+    lora_dropout: float = option(0.0, help="lora: dropout on each adapter's input while training (0 keeps 1-rank "
+                                           "and N-rank runs equal).")
+    lora_targets: List[str] = option(factory=lambda: list(LORA_DEFAULT_TARGETS),
+                                     help="lora: module names (the last part of a dotted name) that get adapters; "
+                                          "each must match a linear module.")
 
     @property
     def loss_kind(self) -> str:
@@ -289,6 +303,11 @@ class DemoConfig:
     curve_train_examples: List[int] = option(factory=lambda: [1000],
                                              help="Training-set sizes of the plots' other points (each below "
                                                   "demo.train_examples).")
+    lora: bool = option(False, help="One LoRA run (seed 0, train.adapter=lora at train.lora_*) per arm beside the "
+                                    "headline group's full runs, on the same questions: the report's LoRA group and "
+                                    "its GGUF rows.")
+    lora_lr: float = option(3e-3, help="The demo's LoRA runs' learning rate (adapters start at B = 0 and take larger "
+                                       "steps than full recovery).")
 
 
 @dataclass
@@ -517,6 +536,11 @@ def _check_train(tr) -> None:
     _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
     _require(tr.io_timeout_minutes > 0, "train.io_timeout_minutes", "a positive number", tr.io_timeout_minutes)
     _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
+    _require(tr.lora_rank >= 1, "train.lora_rank", "an integer >= 1", tr.lora_rank)
+    _require(tr.lora_alpha > 0, "train.lora_alpha", "a positive number", tr.lora_alpha)
+    _require(0 <= tr.lora_dropout < 1, "train.lora_dropout", "a number in [0, 1)", tr.lora_dropout)
+    _require(len(tr.lora_targets) > 0 and all(t.strip() for t in tr.lora_targets), "train.lora_targets",
+             "a non-empty list of module names (e.g. [q_proj, v_proj])", tr.lora_targets)
 
 
 def _check_eval(e) -> None:
@@ -533,6 +557,7 @@ def _check_export(x) -> None:
 
 
 def _check_demo(d) -> None:
+    _require(d.lora_lr > 0, "demo.lora_lr", "a positive number", d.lora_lr)
     for i, r in enumerate(d.curve_keep_ratios):
         _require(0.0 < r <= 1.0, f"demo.curve_keep_ratios[{i}]", "a keep ratio in (0, 1]", r)
     for i, n in enumerate(d.curve_train_examples):

@@ -10,6 +10,8 @@ curves, not points:
 - the headline group (`prune.schedule`'s ratio, the whole training split) runs each arm with
   `demo.seeds` seeds, each a real `demo.ranks`-rank ZeRO-3 job launched with torchrun, so its KL − CE
   interval covers training noise too;
+- with `demo.lora`, seed 0 of each arm again with LoRA adapters (train.adapter=lora): the report's LoRA
+  group on the same questions, and its GGUF rows;
 - every other cell of (that ratio + `demo.curve_keep_ratios`) x (the whole split +
   `demo.curve_train_examples`) runs seed 0 of each arm as a 1-rank job of the same code path with
   `grad_accum` x `demo.ranks` (the same global batch, hence the same schedule as the headline), `demo.ranks`
@@ -58,7 +60,8 @@ class Run:
     train_examples: int | None  # None: the whole training split
     ranks: int
     grad_accum: int
-    output_dir: Path  # <root>/keep<r>/n<n>/<arm>_s<seed>, slurm/reproduce.sh's layout
+    output_dir: Path  # <root>/keep<r>/n<n>/<arm>_s<seed>, slurm/reproduce.sh's layout (<arm>_lora_s<seed> for LoRA)
+    lora_lr: float | None = None  # a LoRA run (train.adapter=lora) at this learning rate; None: full recovery
 
 
 def keep_ratios(cfg: RunConfig) -> list[float]:
@@ -74,6 +77,9 @@ def plan_runs(cfg: RunConfig, root: Path) -> tuple[list[Run], list[Run]]:
         return Run(arm, seed, keep_ratio, n, ranks, accum * d.ranks // ranks, out)
 
     headline = [run(arm, seed, cfg.prune.keep_ratio, None, d.ranks) for seed in range(d.seeds) for arm in ARMS]
+    if d.lora:  # demo.lora: one LoRA seed per arm in the headline group, the report's LoRA group
+        headline += [replace(r, output_dir=r.output_dir.with_name(f"{r.arm}_lora_s0"), lora_lr=d.lora_lr)
+                     for r in headline[:len(ARMS)]]
     cells = itertools.product(keep_ratios(cfg), [None, *d.curve_train_examples])
     curves = [run(arm, 0, r, n, 1) for r, n in cells if (r, n) != (cfg.prune.keep_ratio, None) for arm in ARMS]
     return headline, curves
@@ -119,6 +125,8 @@ def arm_command(cfg_path: Path, run: Run) -> list[str]:
                  f"train.output_dir={run.output_dir}"]
     if run.train_examples is not None:
         overrides.append(f"data.train_examples={run.train_examples}")
+    if run.lora_lr is not None:
+        overrides += ["train.adapter=lora", f"train.lr={run.lora_lr}"]
     return [sys.executable, *launcher, "-m", "distill_dist.cli", "train", "--config", str(cfg_path), *overrides]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import hjson
 import torch
 
-from . import runtime
+from . import lora, runtime
 from .config import RunConfig
 from .errors import ConfigError
 from .fileio import atomic_write_json, replace_dir
@@ -53,10 +53,11 @@ class LossHead(torch.nn.Module):
 class StudentWithLoss(torch.nn.Module):
     """Forward = recovery loss, so the engine's forward/backward cover the whole step."""
 
-    def __init__(self, lm, spec: LossSpec, chunk_size: int):
+    def __init__(self, lm, spec: LossSpec, chunk_size: int, peft_model=None):
         super().__init__()
         self.lm = lm
         self.loss_head = LossHead(lm.lm_head, spec, chunk_size)
+        self.peft = (peft_model,)  # the PeftModel around lm (train.adapter=lora) or None; a tuple: not a submodule
 
     def forward(self, input_ids, attention_mask, rows, cols, labels=None, teacher=None):
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -195,7 +196,8 @@ def student_engine(student_dir: str, cfg: RunConfig, spec: LossSpec):
     lm = _load_sharded(student_dir, ds, TORCH_DTYPES[cfg.model.dtype])
     if tr.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student = StudentWithLoss(lm, spec, tr.chunk_size).train()
+    peft_model = lora.wrap(lm, tr) if tr.adapter == "lora" else None  # adapters on lm itself, in place
+    student = StudentWithLoss(lm, spec, tr.chunk_size, peft_model).train()
     optimizer = torch.optim.AdamW(_param_groups(student, tr.weight_decay), lr=tr.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=runtime.get().device.type == "cuda")
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, tr.warmup_steps, tr.max_steps,
@@ -205,11 +207,13 @@ def student_engine(student_dir: str, cfg: RunConfig, spec: LossSpec):
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and biases."""
+    """Trainable parameters only; no weight decay on norms and biases. An empty group is left out (LoRA trains
+    no norm): ZeRO-3 drops it, and the LR scheduler built on this optimizer must see the groups it keeps."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = lambda n: n.endswith(("norm.weight", "bias"))  # noqa: E731
-    return [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def replicated_teacher(teacher_dir: str, cfg: RunConfig) -> TeacherHidden:
@@ -237,13 +241,17 @@ def teacher_engine(teacher_dir: str, cfg: RunConfig):
 # ---------------------------------------------------------------- export
 
 def export_student(engine, tok, student_dir: str, out: Path, max_shard_mb: int) -> None:
-    """Consolidate the sharded student into a standard HF checkpoint, parameter by parameter (DeepSpeed's
-    public GatheredParameters; rank 0 streams each into safetensors shards), written atomically."""
+    """Consolidate the sharded student into a standard HF checkpoint, tensor by tensor (DeepSpeed's public
+    GatheredParameters; rank 0 streams each into safetensors shards), written atomically. With LoRA adapters
+    each adapted weight is merged as it is gathered (lora.merged_parameters) and the adapters alone are
+    written beside final/ first."""
     import deepspeed
 
     rt = runtime.get()
     lm = engine.module.lm
-    params = list(lm.named_parameters())
+    if lora.is_adapted(lm):
+        export_adapter(engine, out.parent / lora.ADAPTER_DIR)
+    tensors = lora.merged_parameters(lm)
     shape = lambda p: list(getattr(p, "ds_shape", p.shape))  # noqa: E731
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     writer = None
@@ -251,11 +259,11 @@ def export_student(engine, tok, student_dir: str, out: Path, max_shard_mb: int) 
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # an export killed half way
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
-        writer = ShardWriter(tmp, [(n, p.dtype, shape(p)) for n, p in params], max_shard_mb * 2**20)
-    for name, p in params:
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):  # collective: every rank, same order
+        writer = ShardWriter(tmp, [(n, ps[0].dtype, shape(ps[0])) for n, ps, _ in tensors], max_shard_mb * 2**20)
+    for name, gather, value in tensors:
+        with deepspeed.zero.GatheredParameters(gather, modifier_rank=None):  # collective: every rank, same order
             if writer is not None:
-                writer.write(name, p.detach().cpu())
+                writer.write(name, value().detach().cpu())
     if rt.is_main:
         writer.finish()
         lm.config.save_pretrained(tmp)
@@ -265,6 +273,30 @@ def export_student(engine, tok, student_dir: str, out: Path, max_shard_mb: int) 
         shutil.copy2(Path(student_dir) / PLAN_FILE, tmp / PLAN_FILE)
         replace_dir(tmp, out)
     runtime.barrier(slow=True)  # the others wait for rank 0's last shard, tokenizer and rename
+
+
+def export_adapter(engine, out: Path) -> None:
+    """The LoRA adapters alone in peft's layout, written atomically: one gather of every adapter parameter
+    (they are small) on every rank, rank 0 writes."""
+    import deepspeed
+
+    rt = runtime.get()
+    named = lora.adapter_parameters(engine.module.lm)
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        gathered = {n: p.detach().cpu().clone() for n, p in named} if rt.is_main else None
+    if rt.is_main:
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # an export killed half way
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+        lora.write_adapter(engine.module.peft[0], gathered, tmp)
+        replace_dir(tmp, out)
+    runtime.barrier(slow=True)
+
+
+def trainable_params(engine) -> int:
+    """Parameters the optimizer updates, whole (ZeRO-3 shards count at their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
 
 
 def write_sharding_report(run_dir: Path, student_engine_, teacher_engine_) -> None:

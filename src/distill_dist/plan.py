@@ -10,6 +10,7 @@ Every figure is a formula of stated inputs (`assumptions` in the result); the fo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import re
@@ -97,16 +98,26 @@ def student_shape(teacher: ModelShape, keep_ratio: float, round_to: int) -> Mode
 
 # ---------------------------------------------------------------- FLOPs
 
+def attention_flops(m: ModelShape, length: float) -> float:
+    """QK^T and AV of one sequence: 4*L^2*heads*head_dim per layer (causal half not discounted: PaLM's convention)."""
+    return 4 * m.layers * length * length * m.heads * m.hd
+
+
 def forward_flops(m: ModelShape, length: float, supervised: float) -> float:
-    """One sequence forward: 2 FLOPs per matmul weight per token, attention 4*L^2*heads*head_dim per layer
-    (QK^T and AV, causal half not discounted: the PaLM convention), LM head only at supervised positions."""
-    attn = 4 * m.layers * length * length * m.heads * m.hd
-    return 2 * length * m.body_matmul_params() + attn + 2 * supervised * m.vocab * m.hidden
+    """One sequence forward: 2 FLOPs per matmul weight per token, attention_flops, LM head only at supervised
+    positions."""
+    return 2 * length * m.body_matmul_params() + attention_flops(m, length) + 2 * supervised * m.vocab * m.hidden
 
 
-def train_flops(m: ModelShape, length: float, supervised: float, checkpointing: bool = False) -> float:
-    """Forward + backward (2x forward); activation checkpointing recomputes one more forward."""
-    return (4 if checkpointing else 3) * forward_flops(m, length, supervised)
+def train_flops(m: ModelShape, length: float, supervised: float, checkpointing: bool = False,
+                frozen: bool = False) -> float:
+    """Forward + backward (2x forward); activation checkpointing recomputes one more forward. A frozen base
+    (train.adapter=lora) skips the weight gradients: its backward is the weight matmuls once (input gradients)
+    and attention twice (scores and values carry no weight; both their gradients are computed). The adapters'
+    own matmuls, ~rank/hidden of a layer's, are not counted."""
+    fwd = forward_flops(m, length, supervised)
+    backward = fwd + attention_flops(m, length) if frozen else 2 * fwd
+    return (2 if checkpointing else 1) * fwd + backward
 
 
 # ---------------------------------------------------------------- tokens
@@ -163,6 +174,32 @@ class Hardware:
         return self.gpus_per_node * self.nodes
 
 
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_params(m: ModelShape, rank: int, targets) -> int:
+    """Adapter parameters: rank * (in + out) per adapted projection per layer (a target names a projection by
+    its last dotted part, as peft matches it; other names are not priced)."""
+    q, kv = m.heads * m.hd, m.kv_heads * m.hd
+    dims = {"q_proj": (m.hidden, q), "k_proj": (m.hidden, kv), "v_proj": (m.hidden, kv), "o_proj": (q, m.hidden),
+            "gate_proj": (m.hidden, m.intermediate), "up_proj": (m.hidden, m.intermediate),
+            "down_proj": (m.intermediate, m.hidden)}
+    names = {t.rsplit(".", 1)[-1] for t in targets}
+    return m.layers * sum(rank * (i + o) for name, (i, o) in dims.items() if name in names)
+
+
+def trainable_params(m: ModelShape, tr) -> int:
+    """What the optimizer updates: every parameter, or the LoRA adapters (train.adapter)."""
+    return lora_params(m, tr.lora_rank, tr.lora_targets) if tr.adapter == "lora" else m.params()
+
+
+def lora_states(n_base: int, n_adapter: int, world: int, p: int, fused_adam: bool = True) -> dict:
+    """ZeRO-3 states per rank with a frozen base: the base's p-byte partition only (no gradient, master or
+    Adam state), the adapters' as model_states'."""
+    adapters = model_states(n_adapter, world, p, fused_adam)
+    return {k: p * n_base / world + v for k, v in adapters.items()}
+
+
 def model_states(n_params: int, world: int, p: int, fused_adam: bool = True) -> dict:
     """ZeRO-3 student states per rank: a p-byte parameter partition, an fp32 gradient partition (ds_configs
     set data_types.grad_accum_dtype=fp32), an fp32 master copy (none when p = 4: the fp32 partition is the
@@ -189,12 +226,15 @@ def activation_bytes(m: ModelShape, tokens: int, positions: int, p: int, chunk: 
     return {"layers": tokens * layers, "loss_chunk": min(positions, chunk) * m.vocab * 12}
 
 
-def zero3_traffic(n_student: int, n_teacher: int, world: int, p: int, grad_accum: int, live: bool) -> dict:
+def zero3_traffic(n_student: int, n_teacher: int, world: int, p: int, grad_accum: int, live: bool,
+                  n_trainable: int | None = None) -> dict:
     """Bytes each GPU sends (= receives) per optimizer step with ring collectives: every micro-step the
-    student's parameters are all-gathered in forward and again in backward and its gradients
-    reduce-scattered, each (w-1)/w * N * p; a live teacher adds one all-gather of its parameters."""
+    student's parameters are all-gathered in forward and again in backward and its trainable parameters'
+    gradients (all of them, or LoRA's adapters) reduce-scattered, each (w-1)/w * N * p; a live teacher adds
+    one all-gather of its parameters."""
     f = (world - 1) / world
-    student = 3 * f * n_student * p * grad_accum
+    n_trainable = n_student if n_trainable is None else n_trainable
+    student = f * (2 * n_student + n_trainable) * p * grad_accum
     teacher = f * n_teacher * p * grad_accum if live else 0.0
     return {"student": student, "teacher": teacher, "total": student + teacher}
 
@@ -220,12 +260,19 @@ def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, 
     max_tokens = lengths["kl"]["max_tokens"]
     positions = tr.micro_batch_size * (max_tokens if tr.positions == "all" else 1)
     act = activation_bytes(s, tr.micro_batch_size * max_tokens, positions, p, tr.chunk_size, ckpt)
-    states = model_states(s.params(), hw.world, p, hw.fused_adam)
+    lora = tr.adapter == "lora"
+    n_adapter = trainable_params(s, tr) if lora else 0
+    states = (lora_states(s.params(), n_adapter, hw.world, p, hw.fused_adam) if lora
+              else model_states(s.params(), hw.world, p, hw.fused_adam))
+    # one whole gradient before its reduce-scatter: the largest module's, or LoRA's largest adapter pair's
+    grad_whole = tr.lora_rank * (s.hidden + s.intermediate) if lora else s.largest_module()
+    # LoRA keeps each adapter's rank-wide intermediate (A x) per token and adapted projection for backward
+    lora_act = p * tr.lora_rank * len(tr.lora_targets) * s.layers * tr.micro_batch_size * max_tokens if lora else 0
     parts = {
         "model_states": states["peak"],
         "model_states_steady": states["steady"],
-        "gathered": p * (gathered_params(s.params(), s.largest_module(), hw.max_live_params) + s.largest_module()),
-        "activations": act["layers"],
+        "gathered": p * (gathered_params(s.params(), s.largest_module(), hw.max_live_params) + grad_whole),
+        "activations": act["layers"] + lora_act,
         "loss_chunk": act["loss_chunk"],
         "teacher_shard": p * t.params() / hw.world,
         "teacher_gathered": p * max(gathered_params(t.params() - t_head, t.largest_module(), hw.max_live_params), t_head),
@@ -239,6 +286,23 @@ def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, 
 
 
 FIT_FRACTION = 0.9  # of a GPU's memory the plan may fill: the rest for the allocator's fragmentation, NCCL, CUDA context
+
+
+def one_gpu(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, p: int) -> dict:
+    """Whether recovery fits ONE GPU of hw.gpu_mem_gb (FIT_FRACTION of it), full and with LoRA (this config's
+    rank and targets), per teacher source: cached, live sharded (a ZeRO-3 engine of one rank: the whole teacher
+    plus its gather buffers), live replicated. What a user with one GPU reads before choosing train.adapter."""
+    room, out = FIT_FRACTION * hw.gpu_mem_gb * GB, {"gpu_mem_gb": hw.gpu_mem_gb}
+    single = replace(hw, gpus_per_node=1, nodes=1)
+    for adapter in ("full", "lora"):
+        c = copy.deepcopy(cfg)
+        c.train.adapter = adapter
+        m = per_gpu_memory(t, s, c, lengths, single, p)
+        totals = {"cache": m["total_cache"], "live_sharded": m["total_live"], "live_replicated": m["total_live_replicated"]}
+        out[adapter] = {"trainable_params": trainable_params(s, c.train), "model_states": m["model_states"],
+                        **{k: {"memory": v, "fits": v <= room} for k, v in totals.items()}}
+    out["lora"] |= {"rank": cfg.train.lora_rank, "targets": list(cfg.train.lora_targets)}
+    return out
 
 
 def choose_placement(memory: dict, gpu_bytes: float | None, asked: str = "auto") -> tuple[str, str]:
@@ -275,9 +339,10 @@ def step_seconds(s: ModelShape, t: ModelShape, cfg: RunConfig, lengths: dict, hw
     tr, p = cfg.train, DTYPE_BYTES[cfg.model.dtype]
     L, S = lengths["kl"]["mean_padded_tokens"], lengths["kl"]["mean_supervised"]
     seqs = tr.micro_batch_size * tr.grad_accum
-    flops = seqs * (train_flops(s, L, S, tr.gradient_checkpointing)
+    flops = seqs * (train_flops(s, L, S, tr.gradient_checkpointing, tr.adapter == "lora")
                     + (forward_flops(t, L, S) if live else 0.0))
-    traffic = zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, live and not replicated)["total"]
+    traffic = zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, live and not replicated,
+                            trainable_params(s, tr))["total"]
     return {"compute_s": flops / (hw.mfu * hw.peak_tflops * 1e12), "comm_s": traffic / (hw.bus_gbs * GB)}
 
 
@@ -347,7 +412,9 @@ def sweep_cost(t: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, sweep
     calibration = len(sweep["keep_ratios"]) * sum(calibration_cost(t, cfg, lengths, hw, sc)["flops"] for sc in scores)
     for r in sweep["keep_ratios"]:
         s = student_shape(t, r, cfg.prune.round_to)
-        student += per_ratio * seqs * (train_flops(s, L["ce"], S["ce"], ckpt) + train_flops(s, L["kl"], S["kl"], ckpt))
+        frozen = tr.adapter == "lora"
+        student += per_ratio * seqs * (train_flops(s, L["ce"], S["ce"], ckpt, frozen)
+                                       + train_flops(s, L["kl"], S["kl"], ckpt, frozen))
         live_teacher += per_ratio * seqs * teacher_fwd
         runs += 2 * per_ratio
         ce_step = max(step_seconds(s, t, cfg, lengths, hw, False).values())
@@ -387,9 +454,10 @@ def costed_plan(cfg: RunConfig, model_config: dict | None = None, tokenizer=None
     sweep = sweep or sweep_from_script()
     L, S = lengths["kl"]["mean_padded_tokens"], lengths["kl"]["mean_supervised"]
     ckpt = tr.gradient_checkpointing
-    flops_token = {"student_train": train_flops(s, L, S, ckpt) / L, "teacher_forward": forward_flops(t, L, S) / L}
-    traffic = {src: zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, src == "live")
-               for src in ("live", "cache")}
+    flops_token = {"student_train": train_flops(s, L, S, ckpt, tr.adapter == "lora") / L,
+                   "teacher_forward": forward_flops(t, L, S) / L}
+    traffic = {src: zero3_traffic(s.params(), t.params(), hw.world, p, tr.grad_accum, src == "live",
+                                  trainable_params(s, tr)) for src in ("live", "cache")}
     step_time = {src: step_seconds(s, t, cfg, lengths, hw, src == "live") for src in ("live", "cache")}
     memory = per_gpu_memory(t, s, cfg, lengths, hw, p)
     placement, why = choose_placement(memory, hw.gpu_mem_gb * GB, cfg.teacher.placement)
@@ -408,6 +476,7 @@ def costed_plan(cfg: RunConfig, model_config: dict | None = None, tokenizer=None
                               "replicated": {"memory": memory["total_live_replicated"],
                                              "traffic": traffic["cache"]["total"]}},
         "step_time": step_time,
+        "one_gpu": one_gpu(t, s, cfg, lengths, hw, p),
         "calibration": {"score": cfg.prune.score, "samples": cfg.prune.calibration_samples,
                         **calibration_cost(t, cfg, lengths, hw, cfg.prune.score)},
         "sweep": {**sweep, **sweep_cost(t, cfg, lengths, hw, sweep)},
@@ -433,6 +502,21 @@ def kquant_advice(intermediate: int) -> str:
 
 def _g(b: float) -> str:
     return f"{b / GB:.2f} GB"
+
+
+def one_gpu_rows(og: dict, student_params: int) -> list[str]:
+    """The one-GPU rows: full and LoRA recovery, per teacher source, with the verdict against the GPU's size."""
+    rows = []
+    for adapter in ("full", "lora"):
+        x = og[adapter]
+        what = ("full recovery" if adapter == "full" else
+                f"LoRA r{x['rank']} on {', '.join(x['targets'])} ({x['trainable_params'] / 1e6:.1f} M trainable, "
+                f"{x['trainable_params'] / student_params:.2%})")
+        cells = " / ".join(f"{_g(x[k]['memory'])} {'fits' if x[k]['fits'] else 'does not fit'}"
+                           for k in ("cache", "live_sharded", "live_replicated"))
+        rows.append(f"| one {og['gpu_mem_gb']:.0f} GB GPU, {what}: model states {_g(x['model_states'])}; total with "
+                    f"cached / live sharded / live replicated teacher (fits: <= {FIT_FRACTION:.0%}) | {cells} |")
+    return rows
 
 
 def render_markdown(plan: dict) -> str:
@@ -464,6 +548,7 @@ def render_markdown(plan: dict) -> str:
                      f"total / ZeRO-3 traffic per step | {_g(tp[name]['memory'])} / {_g(tp[name]['traffic'])} |")
     lines.append(f"| teacher placement (teacher.placement=auto, {a['gpu_mem_gb']:.0f} GB GPUs) | {tp['choice']}: "
                  f"{tp['why']} |")
+    lines += one_gpu_rows(plan["one_gpu"], s["params"])
     for src in ("cache", "live"):
         tr, st = plan["zero3_bytes_per_step"][src], plan["step_time"][src]
         lines.append(f"| ZeRO-3 traffic per step per GPU, {src} teacher (compute {st['compute_s'] * 1e3:.0f} ms vs "

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, engines, runtime, signals
+from . import checkpoint, engines, lora, runtime, signals
 from .config import RunConfig, to_yaml
 from .data import PROMPT_VERSION, build_train_examples, collate, load_split, pad_token_id
 from .errors import ConfigError, UserError
@@ -84,6 +84,7 @@ class RecoveryRecipe:
         if self.rt.device.type == "cuda":  # each stage of an iterative schedule reports its own peak
             torch.cuda.reset_peak_memory_stats(self.rt.device)
         self.student_dir, self.plan = runtime.agree(self._check_student)
+        self.adapter = runtime.agree(lambda: lora.describe(self.student_dir, tr))  # a bad target: one line, every rank
         self.tok = load_tokenizer(cfg.model.tokenizer or self.student_dir)
         self.config_sha256 = sha256_bytes(to_yaml(cfg).encode())
         done = runtime.agree(lambda: checkpoint.exported(self.run_dir, self.config_sha256))
@@ -100,6 +101,9 @@ class RecoveryRecipe:
         resume_step = checkpoint.check_resumable(self.ckpt_root)  # refuses another world size on every rank
         runtime.agree(lambda: self._check_same_run(resume_step > 0))
         self.engine = engines.student_engine(self.student_dir, cfg, self.spec)
+        if engines.trainable_params(self.engine) != self.adapter["trainable_params"]:
+            raise AssertionError(f"the engine trains {engines.trainable_params(self.engine)} parameters, "
+                                 f"run_meta.json records {self.adapter['trainable_params']}")
         engines.write_sharding_report(self.run_dir, self.engine, getattr(self.teacher, "model", None))
         self.start_step = checkpoint.resume(self.engine, self.ckpt_root, resume_step)
         if self.rt.is_main:
@@ -141,7 +145,7 @@ class RecoveryRecipe:
         """Everything two runs must share to be compared (the report checks it) or to resume one another."""
         cfg, tr, plan = self.cfg, self.tr, self.plan
         return {
-            "arm": tr.arm, "loss": vars(self.spec) | {"positions": tr.positions},
+            "arm": tr.arm, "loss": vars(self.spec) | {"positions": tr.positions}, "adapter": self.adapter,
             "plan_sha256": plan["plan_sha256"], "keep_ratio": plan["keep_ratio"],
             "prune": {"schedule": list(cfg.prune.schedule), "mode": cfg.prune.mode, "score": plan["score"]},
             "params_before": plan["params"]["total_before"], "params_after": plan["params"]["total_after"],
@@ -166,6 +170,9 @@ class RecoveryRecipe:
             if old.get(key) != self.meta.get(key):
                 raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run ({key}: {old.get(key)} vs "
                                   f"{self.meta.get(key)}); use another train.output_dir")
+        if lora.settings_of(old) != lora.settings_of(self.meta):
+            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run (adapter: {lora.settings_of(old)} "
+                              f"vs {lora.settings_of(self.meta)}); use another train.output_dir")
 
     # ---------------------------------------------------------------- train
 

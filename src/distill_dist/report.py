@@ -30,15 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
+from . import lora, stats
 from .config import GGUF_TYPES
 from .data import LABELS
 from .errors import UserError
 from .evaluate import ACCURACIES, ECE_BINS, confidence_bins
 from .fileio import atomic_write_bytes, atomic_write_text
 
-# Fields that must be equal within a group (dotted: a nested dict is compared leaf by leaf).
-COMPARED = ("plan_sha256", "prune", "schedule", "data", "loss.positions", "loss.temperature", "eval.split")
+# Fields that must be equal within a group (dotted: a nested dict is compared leaf by leaf). `adapter`: the
+# settings of train.adapter (full, or LoRA's rank, alpha, dropout, targets); runs are grouped by it as well, so
+# a LoRA arm is its own arm ("KL·LoRA r16") and never paired with a full-parameter run.
+COMPARED = ("plan_sha256", "prune", "schedule", "data", "loss.positions", "loss.temperature", "eval.split", "adapter")
 NOT_COMPARED = {"schedule.seed"}  # seeds are the replicates
 ACROSS_SCORES = {"plan_sha256", "prune.score"}  # what may differ between the scores of a study
 BASELINE_SCORE = "gate_up_down"  # the paper's L2: what the other scores are compared with
@@ -92,6 +94,12 @@ class Group:
     ref: tuple[str, list[dict]] | None = None  # (run dir, examples) the group's questions and answers come from
     plan_sha256: str | None = None
     headline: str = "acc"  # the accuracy every model of the group is judged by (its `acc` here)
+    adapter: dict = field(default_factory=lambda: {"kind": "full"})  # run_meta's adapter (with its trainable share)
+
+    def arm_name(self, arm: str) -> str:
+        """'CE', 'KL', or with adapters e.g. 'KL·LoRA r16': the name every table and comparison uses."""
+        label = lora.label(self.adapter)
+        return ARM_NAMES.get(arm, arm.upper()) + (f"·{label}" if label else "")
 
 
 @dataclass
@@ -145,8 +153,8 @@ def _fair_view(run: dict, ignore: frozenset = frozenset()) -> dict:
     """The dotted fields that must match, e.g. {'schedule.lr': 1e-4, 'loss.temperature': 1.0, ...}."""
     view = {}
     for name in COMPARED:
-        value = run.get("eval_split") if name == "eval.split" else run
-        if name != "eval.split":
+        value = {"eval.split": run.get("eval_split"), "adapter": lora.settings_of(run)}.get(name, run)
+        if name not in ("eval.split", "adapter"):
             for part in name.split("."):
                 value = value.get(part) if isinstance(value, dict) else None
         view |= _flatten(value, name)
@@ -252,14 +260,14 @@ def _check_headline(headline: str, metrics: dict, source: str, ref: str) -> None
                           f"({headline} vs {headline_of(metrics)}: another data.format)")
 
 
-def _arm_model(arm: str, members: list[dict], ids: list[str]) -> Model:
+def _arm_model(arm: str, name: str, members: list[dict], ids: list[str]) -> Model:
     by_seed = sorted(members, key=lambda r: r["schedule"].get("seed"))
     seeds = [r["schedule"].get("seed") for r in by_seed]
     for x, y in zip(by_seed, by_seed[1:]):
         if x["schedule"].get("seed") == y["schedule"].get("seed"):
             raise ReportError(f"refusing to report {x['run_dir']} and {y['run_dir']}: two {ARM_NAMES.get(arm, arm)} "
                               f"runs with schedule.seed {x['schedule'].get('seed')} in one group; give each seed once")
-    return Model(ARM_NAMES.get(arm, arm.upper()), seeds, [judged(r["eval"]) for r in by_seed],
+    return Model(name, seeds, [judged(r["eval"]) for r in by_seed],
                  _per_question([r["examples"] for r in by_seed], ids), [r["run_dir"] for r in by_seed],
                  by_seed[0]["params_after"] / by_seed[0]["params_before"])
 
@@ -281,11 +289,12 @@ def build_group(members: list[dict], teacher: dict | None, pruned: list[dict]) -
         _check_questions(ref, (r["run_dir"], r["examples"]))
     ids = [r["id"] for r in first["examples"]]
     g = Group(first["keep_ratio"], first["schedule"]["train_examples"], first["eval_split"], ids, run_score(first),
-              ref=ref, plan_sha256=first["plan_sha256"], headline=headline_of(first["eval"]))
+              ref=ref, plan_sha256=first["plan_sha256"], headline=headline_of(first["eval"]),
+              adapter=first.get("adapter", {"kind": "full"}))
     for r in members[1:]:
         _check_headline(g.headline, r["eval"], r["run_dir"], first["run_dir"])
     for arm in sorted({r["arm"] for r in members}):
-        g.models[arm] = _arm_model(arm, [r for r in members if r["arm"] == arm], ids)
+        g.models[arm] = _arm_model(arm, g.arm_name(arm), [r for r in members if r["arm"] == arm], ids)
     baselines = {"pruned": next((ev for ev in pruned if _pruned_matches(ev, first)), None), "teacher": teacher}
     if pruned and baselines["pruned"] is None:
         g.notes.append(f"{', '.join(ev['source'] for ev in pruned)}: not the pruning these runs started from "
@@ -360,7 +369,7 @@ def build_study(groups: list[Group], members: dict[str, list[dict]]) -> ScoreStu
             base = by_score[baseline].models.get(arm)
             if score == baseline or arm not in g.models or base is None:
                 continue
-            name = ARM_NAMES[arm]
+            name = g.arm_name(arm)
             _paired(g.models[arm], base, g.split, study.comparisons, study.notes,
                     names=(f"{name}·{score}", f"{name}·{baseline}"))
     return study
@@ -416,7 +425,8 @@ def accuracy_line(headline: str) -> str:
 
 def group_markdown(g: Group, with_score: bool = False) -> list[str]:
     score = f" · score {g.score}" if with_score else ""
-    out = [f"## keep ratio {g.keep_ratio} · {g.train_examples} training examples{score} · split {g.split} · "
+    out = [f"## keep ratio {g.keep_ratio} · {g.train_examples} training examples{score}{adapter_header(g.adapter)} · "
+           f"split {g.split} · "
            f"{len(g.ids)} questions ({g.n_answered} with answers)", "", accuracy_line(g.headline), "",
            "| model | seeds | params | acc | NLL | Brier | ECE | entropy |", "|---|---|---|---|---|---|---|---|"]
     for key, m in g.models.items():
@@ -426,6 +436,15 @@ def group_markdown(g: Group, with_score: bool = False) -> list[str]:
         cells = [_cell(*mean_sd(m, k), base) for k in stats.METRICS]
         out.append(f"| {name} | {'—' if base else _seeds(m.seeds)} | {params} | " + " | ".join(cells) + " |")
     return out + _comparisons_markdown(g.comparisons, g.notes) + [""]
+
+
+def adapter_header(adapter: dict) -> str:
+    """' · LoRA r16 (alpha 32, 0.8 % of parameters trained)' for a LoRA group; '' for full recovery."""
+    if adapter.get("kind", "full") == "full":
+        return ""
+    share = adapter.get("trainable_share")
+    trained = f", {share:.2%} of parameters trained" if share is not None else ""
+    return f" · {lora.label(adapter)} (alpha {adapter['alpha']:g}{trained})"
 
 
 def _comparisons_markdown(comparisons: list[Comparison], notes: list[str]) -> list[str]:
@@ -444,15 +463,18 @@ def _comparisons_markdown(comparisons: list[Comparison], notes: list[str]) -> li
 def overview_markdown(groups: list[Group], with_score: bool = False) -> list[str]:
     """One row per group, the plots' points as numbers (with several groups; each group's section has the rest)."""
     score = "score | " if with_score else ""
-    out = [f"| keep ratio | training examples | {score}seeds | CE acc | KL acc | pruned acc | KL − CE, pts [95% CI] |",
-           "|---|---|---|---|---|---|---|" + ("---|" if with_score else "")]
+    adapters = any(g.adapter.get("kind", "full") != "full" for g in groups)
+    out = [f"| keep ratio | training examples | {score}{'adapter | ' if adapters else ''}seeds | CE acc | KL acc | "
+           "pruned acc | KL − CE, pts [95% CI] |",
+           "|---|---|---|---|---|---|---|" + ("---|" if with_score else "") + ("---|" if adapters else "")]
     for g in groups:
         accs = [_cell(mean_sd(g.models[k], "acc")[0], None, True) if k in g.models else "—"
                 for k in ("ce", "kl", "pruned")]
         seeds = sorted({s for k in ("ce", "kl") if k in g.models for s in g.models[k].seeds})
-        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == ("KL", "CE")), None)
+        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == (g.arm_name("kl"), g.arm_name("ce"))), None)
         delta = stats.format_interval("acc", kl_ce.intervals["acc"]).replace(" pts", "") if kl_ce else "—"
         score = f"{g.score} | " if with_score else ""
+        score += f"{lora.label(g.adapter) or 'full'} | " if adapters else ""
         out.append(f"| {g.keep_ratio} | {g.train_examples} | {score}{_seeds(seeds)} | " + " | ".join(accs)
                    + f" | {delta} |")
     return out + [""]
@@ -466,7 +488,7 @@ def study_markdown(st: ScoreStudy) -> list[str]:
            "| score | params | CE acc | KL acc | KL − CE Δacc, pts [95% CI] |", "|---|---|---|---|---|"]
     for score, g in st.groups.items():
         cells = [_cell(*mean_sd(g.models[k], "acc"), False) if k in g.models else "—" for k in ("ce", "kl")]
-        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == ("KL", "CE")), None)
+        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == (g.arm_name("kl"), g.arm_name("ce"))), None)
         delta = stats.format_interval("acc", kl_ce.intervals["acc"]).replace(" pts", "") if kl_ce else "—"
         arm = next((m for k, m in g.models.items() if k in ARM_NAMES), None)
         params = "—" if arm is None or arm.params_retained is None else f"{arm.params_retained:.1%}"
@@ -664,7 +686,7 @@ def _plot_calibration(groups: list[Group], plt):
                      label=f"{m.name if key in ARM_NAMES else key} (ECE {ece:.3f})" if ece is not None else m.name)
             top.scatter(c, a, s=600 * n / n.sum() + 6, color=color, alpha=0.6, edgecolors="none")
             bottom.stairs(all_counts / all_counts.sum(), edges, color=color, lw=1.2)
-        top.set_title(f"keep {g.keep_ratio}, {g.train_examples} examples", fontsize=9)
+        top.set_title(f"keep {g.keep_ratio}, {g.train_examples} examples{adapter_header(g.adapter)}", fontsize=9)
         top.set_xlim(0, 1), top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
         if top.get_legend_handles_labels()[0]:
@@ -733,6 +755,8 @@ def plot(groups: list[Group], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     scores = {g.score for g in groups}
     main = [g for g in groups if g.score == (BASELINE_SCORE if BASELINE_SCORE in scores else min(scores))]
+    full = [g for g in main if g.adapter.get("kind", "full") == "full"]
+    main = full or main  # the curves are full recovery's when there is any; LoRA groups have the tables
     figures = [(PLOTS[0], _plot_accuracy, main), (PLOTS[1], _plot_data_size, main),
                (PLOTS[2], _plot_calibration, groups)]
     figures += [(SCORE_PLOT, _plot_by_score, groups)] if len(scores) > 1 else []
@@ -813,7 +837,7 @@ def build_edge_group(g: Group, baselines: dict[str, dict], edge: list[dict], run
     for (key, t), by_seed in sorted(per.items(), key=order):
         seeds = sorted(by_seed, key=lambda s: -1 if s is None else s)
         evs = [by_seed[s] for s in seeds]
-        name = ARM_NAMES.get(key, key)
+        name = g.arm_name(key) if key in ARM_NAMES else key
         m = Model(f"{name} {t}", seeds, [judged(e["metrics"]) for e in evs], _per_question([e["examples"] for e in evs], g.ids),
                   [e["source"] for e in evs], g.models[key].params_retained if key in g.models else None)
         m.ci = stats.bootstrap(m.pq) if m.pq is not None else None
@@ -841,7 +865,7 @@ def _edge_figures(evs: list[dict]) -> dict:
 def edge_markdown(eg: EdgeGroup) -> list[str]:
     g = eg.group
     out = [f"### On the edge device (llama.cpp, CPU) · keep ratio {g.keep_ratio} · {g.train_examples} training "
-           "examples", "", accuracy_line(g.headline), "",
+           f"examples{adapter_header(g.adapter)}", "", accuracy_line(g.headline), "",
            "| model | type | seeds | acc [95% CI] | NLL | ECE | file MB | peak RSS MB | load s | tok/s prompt | "
            "tok/s generation | fallback tensors |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (key, t), m in eg.models.items():
@@ -849,7 +873,7 @@ def edge_markdown(eg: EdgeGroup) -> list[str]:
         acc = _mean_ci(m, "acc")
         acc_cell = "—" if acc is None else f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]"
         num = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
-        name = {"pruned": "pruned, before recovery", "teacher": "unpruned teacher"}.get(key, ARM_NAMES.get(key, key))
+        name = {"pruned": "pruned, before recovery", "teacher": "unpruned teacher"}.get(key, g.arm_name(key))
         out.append(f"| {name} | {t} | {'—' if m.seeds == [None] else _seeds(m.seeds)} | {acc_cell} | "
                    f"{num(mean_sd(m, 'nll')[0], '.3f')} | {num(mean_sd(m, 'ece')[0], '.3f')} | "
                    f"{f['file_bytes'] / 1e6:.2f} | {f['peak_rss_bytes'] / 1e6:.0f} | {f['load_s']:.2f} | "
@@ -949,14 +973,15 @@ def make_report(run_dirs: list[str], out_dir: str | Path, teacher_eval_path: str
     pruned = [_load_baseline(p, "report.pruned_eval") for p in pruned_eval_paths]
     by_key: dict[tuple, list[dict]] = {}
     for r in runs:
-        by_key.setdefault((-r["keep_ratio"], r["schedule"]["train_examples"], run_score(r)), []).append(r)
+        key = (-r["keep_ratio"], r["schedule"]["train_examples"], lora.label(r.get("adapter")), run_score(r))
+        by_key.setdefault(key, []).append(r)
     members = {k: sorted(by_key[k], key=lambda r: r["run_dir"]) for k in sorted(by_key)}
     groups = [build_group(m, teacher, pruned) for m in members.values()]
     for g in groups[1:]:  # one accuracy per report: the overview and the plots put every group side by side
         _check_headline(groups[0].headline, {"headline": g.headline}, g.ref[0], groups[0].ref[0])
     studies = []
-    for ratio_size in sorted({k[:2] for k in members}):
-        several = [(g, members[k]) for g, k in zip(groups, members) if k[:2] == ratio_size]
+    for ratio_size in sorted({k[:3] for k in members}):  # (keep ratio, training examples, adapter)
+        several = [(g, members[k]) for g, k in zip(groups, members) if k[:3] == ratio_size]
         if len(several) > 1:
             studies.append(build_study([g for g, _ in several], {g.score: m for g, m in several}))
     out_dir = Path(out_dir)
