@@ -25,6 +25,7 @@ import torch
 
 from .config import DATA_FORMATS, DataConfig
 from .errors import DataError
+from .packing import block_attention
 
 LABELS = ("A", "B", "C", "D", "E")
 # lm-eval-harness `commonsense_qa`: target_delimiter " " + doc_to_choice ['A'..'E'].
@@ -313,18 +314,24 @@ def pad_token_id(tokenizer) -> int:
 
 
 def collate(rows: list[dict], pad_id: int, device) -> dict:
-    """Right-padded ids + mask, and (rows, cols) of every supervised position in row order; labels if any."""
+    """Right-padded ids + mask, and (rows, cols) of every supervised position in row order; labels if any.
+
+    The mask is [B, width] (1: a token, 0: padding), unless a row packs continuation blocks after its
+    prompt (`packing.pack_choices`): then it is `packing.block_attention`'s [B, 1, width, width] mask,
+    with the blocks' position ids."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
         mask[b, : len(r["input_ids"])] = 1
-    batch = {
-        "input_ids": ids, "attention_mask": mask,
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if any(any(r.get("blocks", ())) for r in rows):
+        batch["attention_mask"], batch["position_ids"] = block_attention(rows, width)
+    batch.update({
         "rows": torch.tensor([b for b, r in enumerate(rows) for _ in r["positions"]]),
         "cols": torch.tensor([p for r in rows for p in r["positions"]]),
-    }
+    })
     if "labels" in rows[0]:
         batch["labels"] = torch.tensor([y for r in rows for y in r["labels"]])
     if torch.device(device).type == "cuda":  # pinned + non-blocking: the copy does not wait for the GPU's queue
