@@ -34,7 +34,8 @@ def build_models(shared: Path, out: Path) -> dict[str, Path]:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights far from the init's near-uniform distribution (as tests/conftest.py does)
         for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.15 if p.ndim >= 2 else 1 + 0.2 * torch.randn(p.shape, generator=g))
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * 0.15 if p.ndim >= 2 else 1 + 0.2 * noise)
     model.save_pretrained(out / "olmo2_tiny")
     tok.save_pretrained(out / "olmo2_tiny")
     return {"olmo2_tiny": out / "olmo2_tiny", "tinystories_656k": shared / "models" / "TinyStories-656K"}

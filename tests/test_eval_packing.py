@@ -149,3 +149,52 @@ def test_a_continuation_longer_than_max_length_is_one_line(olmo2_tokenizer):
     with pytest.raises(DataError, match=r"^question q7: a continuation of 5 tokens leaves no room for the prompt "
                                         r"in data\.max_length = 4$"):
         pack_choices([1, 2, 3], [[4], [5, 6, 7, 8, 9]], 4, "question q7")
+
+
+def test_packed_kl_rows_train_as_each_choice_read_alone(olmo2_tokenizer, csqa_dir):
+    """The cloze KL arm's packed rows through the training modules (student loss, teacher hidden states): the
+    same loss as every supervised position taken from its own unpacked sequence (prompt + that choice)."""
+    from distill_dist.data import build_train_examples
+    from distill_dist.engines import StudentWithLoss, TeacherHidden
+    from distill_dist.losses import DenseTeacher, LossSpec, fused_linear_loss
+
+    tok = olmo2_tokenizer
+    rows = build_train_examples(tok, load_split(DataConfig(path=str(csqa_dir)), "train").select(range(6)), "kl",
+                                "answer", 512, fmt="cloze")
+    assert any(sum(r["blocks"]) for r in rows)
+    student, teacher = (make_tiny_model(tok, hidden=32, inter=64, heads=2, seed=s) for s in (5, 6))
+    batch = collate(rows, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        h_t = TeacherHidden(teacher)(**batch)
+        loss = StudentWithLoss(student, LossSpec("kl"), 64)(**batch, teacher=DenseTeacher(h_t, teacher.lm_head.weight))
+
+        def alone(model, r, p):  # the hidden state at packed position p, from the sequence it belongs to
+            prompt = len(r["input_ids"]) - sum(r["blocks"])
+            start = prompt
+            for n in r["blocks"]:
+                if start <= p < start + n:
+                    seq = r["input_ids"][:prompt] + r["input_ids"][start: p + 1]
+                    break
+                start += n
+            else:
+                seq = r["input_ids"][: p + 1]
+            return model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+
+        ref_s = torch.stack([alone(student, r, p) for r in rows for p in r["positions"]])
+        ref_t = torch.stack([alone(teacher, r, p) for r in rows for p in r["positions"]])
+        ref = fused_linear_loss(ref_s, student.lm_head.weight, LossSpec("kl"),
+                                teacher=DenseTeacher(ref_t, teacher.lm_head.weight))
+    assert ref.item() > 0.1
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+
+
+def test_packed_rows_on_an_attention_without_masks_are_one_line(olmo2_tokenizer):
+    from distill_dist.errors import CheckpointError
+    from distill_dist.packing import body_hidden
+
+    model = make_tiny_model(olmo2_tokenizer, hidden=32, inter=64, heads=2)
+    model.config._attn_implementation = "flash_attention_2"  # its kernels take no 4D mask (none installed here)
+    b = collate([{"input_ids": [1, 2, 3, 4], "blocks": [1], "positions": [2]}], 0, "cpu")
+    with pytest.raises(CheckpointError, match=r"^packed rows \(a question's choices after its prompt\) need sdpa or "
+                                              r"eager attention; the model runs flash_attention_2$"):
+        body_hidden(model, b["input_ids"], b["attention_mask"], b["position_ids"])

@@ -187,7 +187,8 @@ def test_packed_questions_match_reference(tiny_model, tiny_model64, tiny_tokeniz
         first = len(c) - 1
         row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"],
                "positions": list(range(first, len(packed["input_ids"])))}
-        batch.append(_Question(i, list(range(len(cs))), row, [[p - first for p in ps] for ps in packed["predicts"]], cs))
+        at = [[p - first for p in ps] for ps in packed["predicts"]]
+        batch.append(_Question(i, list(range(len(cs))), row, at, cs))
     assert batch[1].row["input_ids"] == short_ctx and batch[1].row["positions"] == [len(short_ctx) - 1]
     out = choice_logprobs(tiny_model, batch, tok.pad_token_id, "cpu")
     assert [[tuple(lp.shape) for lp in q] for q in out] == [[(len(c),) for c in conts], [(1,)] * 5]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DataError
+from .errors import CheckpointError, DataError
 
 
 def prompt_cut(ctx: list[int], cont: list[int], max_length: int) -> int:
@@ -71,7 +71,8 @@ def _attention_masks(lm, mask: torch.Tensor, position_ids: torch.Tensor, dtype: 
     cfg = lm.config
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
-        raise ValueError(f"packed rows need sdpa or eager attention, the model runs {impl}")
+        raise CheckpointError(f"packed rows (a question's choices after its prompt) need sdpa or eager attention; "
+                              f"the model runs {impl}")
 
     def form(m: torch.Tensor) -> torch.Tensor:
         if impl == "sdpa":
