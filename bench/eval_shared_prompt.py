@@ -5,8 +5,9 @@
 Models: a random tiny OLMo2 (hidden 64, MLP 192, 2 layers) on the real OLMo2 tokenizer (vocab 100352), and
 the real TinyStories-656K (Llama); questions: the first --limit CommonsenseQA dev questions, in data.format mc
 and cloze. Each (model, format) runs the two trees alternately, each eval its own process at
-OMP_NUM_THREADS=1; the figure is eval.json's wall_s (scoring only, model load excluded), and the per-choice
-log-likelihoods of the two trees are compared. Used to time the shared-prompt evaluation (packing.py)
+OMP_NUM_THREADS=1; the figure is the fastest of --repeats of eval.json's wall_s (scoring only, model load
+excluded); the per-choice log-likelihoods of the two trees are compared, and the token positions the model
+body reads are counted both ways (lm-eval's requests, max_length 512, vs this tree's packed rows). Used to time the shared-prompt evaluation (packing.py)
 against one sequence per choice.
 """
 from __future__ import annotations
@@ -52,6 +53,18 @@ def run_eval(src: Path, model: Path, data: Path, fmt: str, limit: int, out: Path
     return {"wall_s": res["wall_s"], "logliks": logliks, "headline": res["metrics"][res["metrics"]["headline"]]}
 
 
+def body_tokens(model: Path, data: Path, fmt: str, limit: int) -> tuple[int, int]:
+    """Token positions the model body reads: one sequence per lm-eval request vs the packed rows (this tree's)."""
+    from distill_dist.config import DataConfig
+    from distill_dist.data import load_split
+    from distill_dist.evaluate import build_requests, packed_questions
+    from distill_dist.models import load_tokenizer
+
+    tok, rows = load_tokenizer(str(model)), list(load_split(DataConfig(path=str(data)), "validation"))[:limit]
+    return (sum(len(r.input_ids) for r in build_requests(tok, rows, 512, fmt=fmt)),
+            sum(len(q.row["input_ids"]) for q in packed_questions(tok, rows, 512, fmt=fmt)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", type=Path, required=True, help="src/ of the tree to compare against")
@@ -62,7 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(args.shared, Path(tmp))
-        print(f"{'model':18} {'format':6} {'before s':>9} {'after s':>8} {'speed-up':>8} {'max|dll|':>9}")
+        print(f"{'model':18} {'format':6} {'before s':>9} {'after s':>8} {'speed-up':>8} {'max|dll|':>9} "
+              f"{'tokens before':>13} {'after':>7}")
         for name, path in models.items():
             for fmt in ("mc", "cloze"):
                 walls = {"before": [], "after": []}
@@ -75,7 +89,9 @@ def main() -> None:
                     delta = max(abs(a - b) for ra, rb in zip(res["before"]["logliks"], res["after"]["logliks"])
                                 for a, b in zip(ra, rb))
                 before, after = min(walls["before"]), min(walls["after"])
-                print(f"{name:18} {fmt:6} {before:9.2f} {after:8.2f} {before / after:7.2f}x {delta:9.1e}", flush=True)
+                tokens = body_tokens(path, args.shared / "commonsense_qa", fmt, args.limit)
+                print(f"{name:18} {fmt:6} {before:9.2f} {after:8.2f} {before / after:7.2f}x {delta:9.1e} "
+                      f"{tokens[0]:13d} {tokens[1]:7d}", flush=True)
 
 
 if __name__ == "__main__":
