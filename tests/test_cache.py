@@ -348,6 +348,29 @@ def test_training_from_full_vocab_cache_matches_live_teacher(env, live_run, tmp_
     assert meta["format"] == manifest["format"]
 
 
+def test_cloze_kl_rows_cached_and_trained_as_live(env, tmp_path):
+    """data.format=cloze: the cache holds the packed rows' positions (prompt and every choice), one entry
+    each, and training from it follows the live teacher on the same packed batches."""
+    cloze = ["data.format=cloze", "train.positions=answer"]
+    src = cache(env, "full_cloze", *cloze, "teacher.format=hybrid", "teacher.dtype=float32",
+                f"teacher.top_k={env['vocab']}")
+    manifest = json.loads((src / "manifest.json").read_text())
+    rows = build_train_examples(env["tok"], load_split(load_config(None, env["base"]).data, "train"), "kl", "answer",
+                                64, fmt="cloze")
+    assert any(sum(r["blocks"]) for r in rows)
+    assert manifest["num_positions"] == sum(len(r["positions"]) for r in rows)
+    assert manifest["fingerprint"]["kl_rows"] == "prompt + every choice, packed"
+    runs = {}
+    for source in ("live", "cache"):
+        runs[source] = tmp_path / source
+        assert cli.main(train_common(env) + cloze + [f"teacher.source={source}", "teacher.format=hybrid",
+                                                     f"teacher.cache_dir={src}",
+                                                     f"train.output_dir={runs[source]}"]) == 0
+    live, cached = losses(runs["live"]), losses(runs["cache"])
+    assert len(live) == 4 and live[-1] < live[0]
+    assert cached == pytest.approx(live, rel=1e-5)
+
+
 # ---------------------------------------------------------------- ranks
 
 @pytest.mark.multirank

@@ -1,5 +1,6 @@
 """data.format=cloze (OLMES's rank classification of CSQA): prompts, continuation tokens, the three accuracies,
-evaluation end to end against a float64 reference, training rows of both arms, and the cache's refusal."""
+evaluation end to end against a float64 reference, training rows of both arms (KL: every choice, no labels),
+and the cache's refusal."""
 from __future__ import annotations
 
 import json
@@ -187,39 +188,57 @@ def test_cloze_requests_score_each_answer_text(tiny_tokenizer, synthetic_data_di
 
 # ---------------------------------------------------------------- training rows
 
-def test_cloze_training_rows_same_positions_kl_without_labels(tiny_tokenizer, synthetic_data_dir):
+def test_cloze_training_rows_ce_gold_kl_every_choice(tiny_tokenizer, synthetic_data_dir):
+    """CE: prompt + gold answer, labelled at the answer's positions. KL: the prompt and all five answers packed,
+    supervised exactly at the positions that predict a choice token (answer) or everywhere (all)."""
+    tok = tiny_tokenizer
     train = load_split(DataConfig(path=str(synthetic_data_dir)), "train").select(range(20))
     for positions in ("answer", "all"):
-        ce = build_train_examples(tiny_tokenizer, train, "ce", positions, 512, fmt="cloze")
-        kl = build_train_examples(tiny_tokenizer, train, "kl", positions, 512, fmt="cloze")
+        ce = build_train_examples(tok, train, "ce", positions, 512, fmt="cloze")
+        kl = build_train_examples(tok, train, "kl", positions, 512, fmt="cloze")
         for r, c, k in zip(train, ce, kl):
-            assert "labels" not in k and (c["id"], c["input_ids"], c["positions"]) == (k["id"], k["input_ids"],
-                                                                                       k["positions"])
             prompt = "Question: " + r["question"] + "\nAnswer:"
-            ctx = _ids(tiny_tokenizer, prompt)
-            gold = _ids(tiny_tokenizer, prompt + " " + r["choices"][r["answer"]])[len(ctx):]
-            assert c["input_ids"] == (ctx + gold)[:-1]
+            ctx = _ids(tok, prompt)
+            conts = [_ids(tok, prompt + " " + text)[len(ctx):] for text in r["choices"]]
+            gold = conts[r["answer"]]
+            assert c["input_ids"] == (ctx + gold)[:-1] and "blocks" not in c
             want = (list(range(len(ctx) + len(gold) - 1)) if positions == "all"
                     else list(range(len(ctx) - 1, len(ctx) - 1 + len(gold))))
-            assert c["positions"] == want
-            assert c["labels"] == [(ctx + gold)[p + 1] for p in want]
-    # left truncation keeps the whole answer supervised
-    short = build_train_examples(tiny_tokenizer, train, "ce", "answer", 12, fmt="cloze")
-    full = build_train_examples(tiny_tokenizer, train, "ce", "answer", 512, fmt="cloze")
+            assert c["positions"] == want and c["labels"] == [(ctx + gold)[p + 1] for p in want]
+
+            assert "labels" not in k and k["id"] == c["id"]
+            assert k["input_ids"] == ctx + [t for cont in conts for t in cont[:-1]]
+            assert k["blocks"] == [len(cont) - 1 for cont in conts]
+            predicting = {len(ctx) - 1}  # each choice's tokens, read along its own block
+            start = len(ctx)
+            for cont in conts:
+                predicting |= set(range(start, start + len(cont) - 1))
+                start += len(cont) - 1
+            assert k["positions"] == (list(range(len(k["input_ids"]))) if positions == "all" else sorted(predicting))
+    assert any(sum(k["blocks"]) > 0 for k in kl), "some answers must span several tokens"
+    # left truncation keeps the whole answer supervised; the packed prompt is cut for the longest choice
+    short = build_train_examples(tok, train, "ce", "answer", 12, fmt="cloze")
+    full = build_train_examples(tok, train, "ce", "answer", 512, fmt="cloze")
     assert all(len(s["input_ids"]) <= 12 and s["labels"] == f["labels"] for s, f in zip(short, full))
+    for k, f in zip(build_train_examples(tok, train, "kl", "answer", 12, fmt="cloze"), kl):
+        prompt = len(k["input_ids"]) - sum(k["blocks"])
+        assert prompt + max(k["blocks"]) <= 12 and k["blocks"] == f["blocks"]
+        assert k["input_ids"][prompt:] == f["input_ids"][len(f["input_ids"]) - sum(f["blocks"]):]
     # mc is as before: the KL arm reads the prompt only, at its last position
-    mc = build_train_examples(tiny_tokenizer, train, "kl", "answer", 512)
-    assert [r["input_ids"] for r in mc] == [_ids(tiny_tokenizer, format_prompt(r["question"], r["choices"]))
-                                            for r in train]
-    assert all(r["positions"] == [len(r["input_ids"]) - 1] and "labels" not in r for r in mc)
+    mc = build_train_examples(tok, train, "kl", "answer", 512)
+    assert [r["input_ids"] for r in mc] == [_ids(tok, format_prompt(r["question"], r["choices"])) for r in train]
+    assert all(r["positions"] == [len(r["input_ids"]) - 1] and "labels" not in r and "blocks" not in r for r in mc)
 
 
-def test_cloze_kl_needs_a_labelled_split(tiny_tokenizer, synthetic_data_dir):
+@pytest.mark.parametrize("fmt", ["mc", "cloze"])
+def test_unlabelled_split_builds_kl_rows_and_refuses_ce(tiny_tokenizer, synthetic_data_dir, fmt):
     test = load_split(DataConfig(path=str(synthetic_data_dir)), "test")
-    assert len(build_train_examples(tiny_tokenizer, test, "kl", "answer", 512)) == len(test)  # mc: no gold read
-    with pytest.raises(DataError, match=r"^training row \S+ has no answer: the KL arm in data.format=cloze reads "
-                                        r"the gold answer, it needs a labelled split$"):
-        build_train_examples(tiny_tokenizer, test, "kl", "answer", 512, fmt="cloze")
+    assert set(test["answer"]) == {-1}
+    kl = build_train_examples(tiny_tokenizer, test, "kl", "answer", 512, fmt=fmt)
+    assert [r["id"] for r in kl] == test["id"] and all(r["positions"] for r in kl)
+    with pytest.raises(DataError, match=rf"^training row {test['id'][0]} has no answer: the CE arm trains on the "
+                                        r"gold answer, it needs a labelled split$"):
+        build_train_examples(tiny_tokenizer, test, "ce", "answer", 512, fmt=fmt)
 
 
 def test_calibration_texts_follow_data_format(synthetic_data_dir):
@@ -236,13 +255,19 @@ def test_cache_of_another_format_is_refused(tiny_tokenizer, synthetic_data_dir, 
     cfgs = {f: load_config(None, [f"data.path={synthetic_data_dir}", f"data.format={f}"]) for f in ("mc", "cloze")}
     full = load_full_train(cfgs["mc"].data)
     fps = {f: expected_fingerprint(c, "t" * 64, tiny_tokenizer, full) for f, c in cfgs.items()}
+    rows = {"mc": "None", "cloze": "prompt \\+ every choice, packed"}
     for built, run in (("mc", "cloze"), ("cloze", "mc")):
         cache = TeacherCache(tmp_path, {"fingerprint": fps[built]}, [])
         with pytest.raises(CacheError, match=rf"^teacher cache {tmp_path} does not match this run: data\.format: "
-                                             rf"cache {built} vs run {run}$"):
+                                             rf"cache {built} vs run {run}, kl_rows: cache {rows[built]} vs run "
+                                             rf"{rows[run]}$"):
             cache.check(fps[run], [], [])
+    before = {k: v for k, v in fps["cloze"].items() if k != "kl_rows"}  # a cloze cache of gold-answer rows
+    with pytest.raises(CacheError, match=r"does not match this run: kl_rows: cache None vs run prompt \+ every "
+                                         r"choice, packed$"):
+        TeacherCache(tmp_path, {"fingerprint": before}, []).check(fps["cloze"], [], [])
     cache_dir = tmp_path / "cache"  # cache-teacher into a directory holding the other format's cache
     cache_dir.mkdir()
     (cache_dir / "manifest.json").write_text(json.dumps({"fingerprint": fps["mc"], "fingerprint_sha256": "x"}))
-    with pytest.raises(CacheError, match=r"another fingerprint \(data\.format: cache mc vs run cloze\)"):
+    with pytest.raises(CacheError, match=r"another fingerprint \(data\.format: cache mc vs run cloze, kl_rows: "):
         _existing_manifest(cache_dir, fps["cloze"], "y")

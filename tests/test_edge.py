@@ -114,8 +114,9 @@ def test_olmo2_f32_parity_and_quantized(olmo2):
 
 
 def test_cloze_scored_in_llamacpp_as_in_torch(olmo2_tokenizer, csqa_dir, tmp_path):
-    """data.format=cloze with eval.backend=llamacpp: the torch backend's requests (answers of several tokens,
-    one sequence per choice), their log-likelihoods within PARITY_TOL, the same accuracies and headline."""
+    """data.format=cloze with eval.backend=llamacpp: lm-eval's requests (answers of several tokens, one sequence
+    per choice), their log-likelihoods within PARITY_TOL of the torch backend's (the prompt shared), the same
+    accuracies and headline."""
     src = tmp_path / "model"
     make_tiny_model(olmo2_tokenizer, "olmo2", seed=5, inter=128).save_pretrained(src)
     olmo2_tokenizer.save_pretrained(src)

@@ -14,10 +14,11 @@ from transformers import AutoModelForCausalLM
 from distill_dist import cli
 from distill_dist.config import DataConfig, load_config
 from distill_dist.data import LABELS, TARGETS, format_prompt, load_split
-from distill_dist.evaluate import (ECE_BINS, _Request, build_requests, evaluate, metrics_from_logliks, score_rows,
-                                   target_logprobs)
+from distill_dist.evaluate import (ECE_BINS, _Question, build_requests, choice_logprobs, evaluate, metrics_from_logliks,
+                                   score_rows)
 from distill_dist.fileio import dir_bytes
 from distill_dist.hf_checkpoint import checkpoint_fingerprint
+from distill_dist.packing import pack_choices
 from distill_dist.prune import prune_checkpoint
 
 # ---------------------------------------------------------------- metrics
@@ -171,31 +172,33 @@ def test_batch_size_does_not_change_logliks(tiny_model, tiny_tokenizer, dev_rows
     assert np.abs(one).min() > 0
 
 
-def test_multi_token_requests_match_reference(tiny_model, tiny_model64, tiny_tokenizer):
+def test_packed_questions_match_reference(tiny_model, tiny_model64, tiny_tokenizer):
+    """A question packed with multi-token choices of different lengths beside a shorter one whose five
+    targets are single tokens (padded in the batch): every choice's log-probs as its own unpadded sequence."""
     tok = tiny_tokenizer
     ctx = _ids(tok, "Question: Where does bako live?\nA. paris\nAnswer:")
     conts = [_ids(tok, " paris tokyo"), _ids(tok, " lima cairo oslo rice"), _ids(tok, " chess")]
     assert len(conts[0]) > 1 and len(conts[1]) > len(conts[0])
-    batch = []
-    for j, cont in enumerate(conts):
-        ids = (ctx + cont)[:-1]
-        start = len(ids) - len(cont)
-        batch.append(_Request(0, j, ids, list(range(start, len(ids))), cont))
     short_ctx = _ids(tok, "Question: What does rimu eat?\nAnswer:")
-    single = [_ids(tok, t)[0] for t in TARGETS]
-    batch.append(_Request(1, None, short_ctx, [len(short_ctx) - 1], single))  # mixed in, shorter: padded
-    out = target_logprobs(tiny_model, batch, tok.pad_token_id, "cpu")
-    assert [tuple(o.shape) for o in out] == [(len(c),) for c in conts] + [(5,)]
+    single = [[_ids(tok, t)[0]] for t in TARGETS]
+    batch = []
+    for i, (c, cs) in enumerate(((ctx, conts), (short_ctx, single))):
+        packed = pack_choices(c, cs, 512)
+        first = len(c) - 1
+        row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"],
+               "positions": list(range(first, len(packed["input_ids"])))}
+        at = [[p - first for p in ps] for ps in packed["predicts"]]
+        batch.append(_Question(i, list(range(len(cs))), row, at, cs))
+    assert batch[1].row["input_ids"] == short_ctx and batch[1].row["positions"] == [len(short_ctx) - 1]
+    out = choice_logprobs(tiny_model, batch, tok.pad_token_id, "cpu")
+    assert [[tuple(lp.shape) for lp in q] for q in out] == [[(len(c),) for c in conts], [(1,)] * 5]
 
     with torch.no_grad():
-        for cont, lp in zip(conts, out):
-            full = ctx + cont
-            logp = torch.log_softmax(tiny_model64(input_ids=torch.tensor([full])).logits[0], -1)
-            ref = torch.tensor([logp[len(ctx) - 1 + t, c].item() for t, c in enumerate(cont)], dtype=torch.float64)
-            assert (lp.double() - ref).abs().max().item() < 1e-4
-            assert abs(lp.double().sum().item() - ref.sum().item()) < 1e-4
-        logp = torch.log_softmax(tiny_model64(input_ids=torch.tensor([short_ctx])).logits[0, -1], -1)
-        assert (out[-1].double() - logp[single]).abs().max().item() < 1e-4
+        for (c, cs), per_choice in zip(((ctx, conts), (short_ctx, single)), out):
+            for cont, lp in zip(cs, per_choice):
+                logp = torch.log_softmax(tiny_model64(input_ids=torch.tensor([c + cont[:-1]])).logits[0], -1)
+                ref = torch.tensor([logp[len(c) - 1 + t, x].item() for t, x in enumerate(cont)], dtype=torch.float64)
+                assert (lp.double() - ref).abs().max().item() < 1e-4
 
 
 def _byte_tokenizer():

@@ -243,31 +243,41 @@ def test_vocab_mismatch_and_foreign_teacher_are_refused(setup, tmp_path, capsys)
     assert code == 2 and "not the checkpoint the student was pruned from" in capsys.readouterr().err
 
 
-def test_kl_arm_never_sees_labels(setup, tmp_path):
-    """Shuffling every gold answer changes nothing for the KL arm: its batches carry no labels."""
-    shuffled = tmp_path / "shuffled"
-    shuffled.mkdir()
-    for f in Path(setup["data"]).iterdir():
+def _rotated_answers(data: Path, out: Path) -> Path:
+    """A copy of the jsonl splits with every answer key moved to the next letter (E to A)."""
+    out.mkdir()
+    for f in Path(data).iterdir():
         rows = [json.loads(l) for l in f.read_text().splitlines()]
-        for i, r in enumerate(rows):
-            if "answerKey" in r:
-                r["answerKey"] = "ABCDE"[(("ABCDE".index(r["answerKey"])) + 1 + i) % 5]
-        (shuffled / f.name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, setup["base"])
-    tok = train_tokenizer(setup["data"])
-    a = build_train_examples(tok, load_split(cfg.data, "train"), "kl", "all", 64)
-    cfg.data.path = str(shuffled)
-    b = build_train_examples(tok, load_split(cfg.data, "train"), "kl", "all", 64)
-    assert a == b and all("labels" not in r for r in a)
-    runs = []
-    for name, data in (("orig", setup["data"]), ("shuf", shuffled)):
-        run = tmp_path / name
-        assert cli.main(["train"] + setup["base"] + ["train.arm=kl", "train.max_steps=3",
-                                         f"data.path={data}", "train.eval_after=false", f"train.output_dir={run}"]) == 0
-        runs.append([m["loss"] for m in metrics(run)])
-    assert runs[0] == runs[1]
-    ce = build_train_examples(tok, load_split(cfg.data, "train"), "ce", "answer", 64)
-    assert all("labels" in r for r in ce)
+        for r in rows:
+            if r.get("answerKey"):
+                r["answerKey"] = "ABCDE"[("ABCDE".index(r["answerKey"]) + 1) % 5]
+        (out / f.name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["mc", "cloze"])
+def test_rotated_answer_keys_leave_the_kl_arm_bit_identical(refusal_env, tmp_path, fmt):
+    """The KL arm's rows never read the answer (cloze: every choice packed after the prompt), so with every key
+    rotated its loss curve and gradient norms are the same bits; CE's change."""
+    rotated = _rotated_answers(refusal_env["data"], tmp_path / "rotated")
+    cfg = load_config(None, refusal_env["base"] + [f"data.format={fmt}"])
+    gold = load_split(cfg.data, "train")["answer"]
+    cfg.data.path = str(rotated)
+    assert all(b == (a + 1) % 5 for a, b in zip(gold, load_split(cfg.data, "train")["answer"]))
+    if fmt == "cloze":
+        rows = build_train_examples(refusal_env["tok"], load_split(cfg.data, "train"), "kl", "answer", 64, fmt=fmt)
+        assert any(sum(r["blocks"]) for r in rows), "packed rows with multi-token choices"
+    curves = {}
+    for arm in ("kl", "ce"):
+        for name, data in (("gold", refusal_env["data"]), ("rotated", rotated)):
+            run = tmp_path / f"{arm}_{name}"
+            assert cli.main(["train", *refusal_env["base"], f"data.format={fmt}", f"train.arm={arm}",
+                             "train.max_steps=3", "train.save_every=0", f"data.path={data}",
+                             f"train.output_dir={run}"]) == 0
+            curves[arm, name] = [(m["loss"], m["grad_norm"]) for m in metrics(run)]
+    assert len(curves["kl", "gold"]) == 3 and curves["kl", "gold"][0][0] > 0
+    assert curves["kl", "gold"] == curves["kl", "rotated"]
+    assert all(a[0] != b[0] for a, b in zip(curves["ce", "gold"], curves["ce", "rotated"]))
 
 
 @pytest.mark.skipif(not (SHARED / "models" / "TinyStories-656K").is_dir(), reason="../shared/data absent")

@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 
 from . import runtime, signals
 from .config import RunConfig
-from .data import PROMPT_VERSION, build_train_examples, collate, load_full_train, pad_token_id
+from .data import KL_CLOZE_ROWS, PROMPT_VERSION, build_train_examples, collate, load_full_train, pad_token_id
 from .errors import ConfigError, UserError
 from .fileio import atomic_write_json, canonical_json, sha256_bytes, sha256_file
 from .hf_checkpoint import ShardWriter, checkpoint_fingerprint, read_header, read_model_config
@@ -62,8 +62,7 @@ def tokenizer_hash(tok) -> str:
 
 
 def data_hash(ds) -> str:
-    """Content of the normalised split (ids, questions, choices, answers: in data.format=cloze the cached
-    inputs hold the gold answer text), whatever file or hub it came from."""
+    """Content of the normalised split (ids, questions, choices, answers), whatever file or hub it came from."""
     rows = [[r["id"], r["question"], r["choices"], r["answer"]] for r in ds]
     return sha256_bytes(canonical_json(rows).encode())
 
@@ -80,6 +79,8 @@ def expected_fingerprint(cfg: RunConfig, teacher_fingerprint: str, tok, full_tra
           "prompt_version": PROMPT_VERSION, "data.format": cfg.data.format, "max_length": cfg.data.max_length,
           "add_bos": cfg.data.add_bos, "positions": cfg.train.positions, "top_k": tc.top_k, "dtype": tc.dtype,
           "temperature": cfg.train.temperature, "format": tc.format}
+    if cfg.data.format == "cloze":  # the rows cached: the prompt and every choice (data.build_train_examples)
+        fp["kl_rows"] = KL_CLOZE_ROWS
     if tc.format == HYBRID:
         fp.update(samples=tc.samples, seed=tc.seed)
     return fp

@@ -25,6 +25,7 @@ import torch
 
 from .config import DATA_FORMATS, DataConfig
 from .errors import DataError
+from .packing import block_attention, pack_choices
 
 LABELS = ("A", "B", "C", "D", "E")
 # lm-eval-harness `commonsense_qa`: target_delimiter " " + doc_to_choice ['A'..'E'].
@@ -32,6 +33,8 @@ TARGETS = tuple(" " + label for label in LABELS)
 # Bump when format_prompt or the tokenisation of requests changes: caches and run metadata record it.
 # v2: lm-eval's joint-encoding continuation split and BOS rule (encode_choices).
 PROMPT_VERSION = "lm-eval-csqa-v2"
+# What the KL arm's rows hold in data.format=cloze (`build_train_examples`); a teacher cache records it.
+KL_CLOZE_ROWS = "prompt + every choice, packed"
 
 OFFICIAL_FILES = {
     "train": "train_rand_split.jsonl",
@@ -264,34 +267,32 @@ def encode_rows(tokenizer, rows, fmt: str, add_bos="auto") -> list[tuple[list[in
 
 def build_train_examples(tokenizer, ds: datasets.Dataset, arm: str, positions: str, max_length: int,
                          add_bos="auto", fmt: str = "mc") -> list[dict]:
-    """Tokenised training rows: {id, input_ids, positions[, labels]}, with evaluation's exact tokens.
+    """Tokenised training rows: {id, input_ids, positions[, blocks][, labels]}, with evaluation's exact tokens.
 
-    The context and the gold continuation come from `encode_pairs`, as in `evaluate.build_requests`, so
-    CE's labels are the continuation ids evaluation scores, and the input is context + continuation minus
-    its last id, truncated from the left to `max_length` as lm-eval does. `positions` index the input
-    tokens whose next-token distribution is supervised: "answer" = where the continuation is predicted.
-    Only the CE arm's rows carry labels; the KL arm's loss sees the teacher's distribution alone.
-
-    mc: the answer is one letter predicted at the last prompt position, so the KL arm reads the prompt
-    only; its rows are built without reading `answer` (any split will do), it cannot learn from gold.
-    cloze: the answer is a text of several tokens, and the positions that predict its 2nd, 3rd, ...
-    token exist only in an input that holds the gold text before them. So both arms read the same input,
-    prompt + gold answer text minus its last token, and are supervised at the same positions: KL matches
-    the teacher there, with no labels, but it does see the gold answer's tokens as input (teacher
-    forcing, as CE does), and it needs a labelled split.
+    `positions` index the input tokens whose next-token distribution is supervised: "answer" = where an
+    answer token is predicted, "all" = every position. Only the CE arm reads the gold answer.
+    - CE (both formats): context + gold continuation minus its last id (`encode_pairs`, as evaluation), cut
+      from the left to `max_length` as lm-eval cuts; labels are the continuation ids evaluation scores.
+    - KL, mc: the prompt alone; the answer is one letter, predicted at the prompt's last position.
+    - KL, cloze: the prompt and every choice's continuation, teacher-forced, packed in one row as
+      evaluation packs them (`packing.pack_choices`: each choice a block that sees the prompt and itself);
+      "answer" = every position that predicts a choice token (the prompt's last, and each block's own).
+    So the KL arm's rows never read `answer`: an unlabelled split trains it, and relabelling changes nothing.
     """
     records = ds.to_list() if isinstance(ds, datasets.Dataset) else list(ds)
-    reads_gold = not (arm == "kl" and fmt == "mc")
-    if reads_gold and (r := next((r for r in records if r["answer"] < 0), None)):
-        raise DataError(f"training row {r['id']} has no answer: the {arm.upper()} arm in data.format={fmt} "
-                        "reads the gold answer, it needs a labelled split")
+    if arm == "ce" and (r := next((r for r in records if r["answer"] < 0), None)):
+        raise DataError(f"training row {r['id']} has no answer: the CE arm trains on the gold answer, it needs a "
+                        "labelled split")
+    if arm == "kl" and fmt == "cloze":
+        return [_kl_cloze_row(r, ctx, conts, positions, max_length)
+                for r, (ctx, conts) in zip(records, encode_rows(tokenizer, records, fmt, add_bos))]
     pairs = []  # only the continuation a row trains on: 2 strings to encode per row, not 6
     for r in records:
         prompt, targets = prompt_and_targets(r, fmt)
-        pairs.append((prompt, (targets[r["answer"]],) if reads_gold else ()))
+        pairs.append((prompt, (targets[r["answer"]],) if arm == "ce" else ()))
     rows = []
     for r, (ctx, conts) in zip(records, encode_pairs(tokenizer, pairs, add_bos)):
-        if not reads_gold:
+        if arm == "kl":  # mc: the prompt only
             ids = ctx[-max_length:]
             pos = list(range(len(ids))) if positions == "all" else [len(ids) - 1]
             rows.append({"id": r["id"], "input_ids": ids, "positions": pos})
@@ -300,11 +301,16 @@ def build_train_examples(tokenizer, ds: datasets.Dataset, arm: str, positions: s
         full = (ctx + gold)[-(max_length + 1):]
         ids = full[:-1]
         pos = list(range(len(ids))) if positions == "all" else list(range(len(ids) - len(gold), len(ids)))
-        row = {"id": r["id"], "input_ids": ids, "positions": pos}
-        if arm == "ce":
-            row["labels"] = [full[p + 1] for p in pos]
-        rows.append(row)
+        rows.append({"id": r["id"], "input_ids": ids, "positions": pos, "labels": [full[p + 1] for p in pos]})
     return rows
+
+
+def _kl_cloze_row(record: dict, ctx: list[int], conts: list[list[int]], positions: str, max_length: int) -> dict:
+    """The cloze KL arm's row: the prompt and all five continuations packed (see `build_train_examples`)."""
+    packed = pack_choices(ctx, conts, max_length, f"training row {record['id']}")
+    ids = packed["input_ids"]
+    first = 0 if positions == "all" else packed["predicts"][0][0]  # every block position predicts a choice token
+    return {"id": record["id"], "input_ids": ids, "blocks": packed["blocks"], "positions": list(range(first, len(ids)))}
 
 
 def pad_token_id(tokenizer) -> int:
@@ -313,18 +319,24 @@ def pad_token_id(tokenizer) -> int:
 
 
 def collate(rows: list[dict], pad_id: int, device) -> dict:
-    """Right-padded ids + mask, and (rows, cols) of every supervised position in row order; labels if any."""
+    """Right-padded ids + mask, and (rows, cols) of every supervised position in row order; labels if any.
+
+    The mask is [B, width] (1: a token, 0: padding), unless a row packs continuation blocks after its
+    prompt (`packing.pack_choices`): then it is `packing.block_attention`'s [B, 1, width, width] mask,
+    with the blocks' position ids."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
         mask[b, : len(r["input_ids"])] = 1
-    batch = {
-        "input_ids": ids, "attention_mask": mask,
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if any(any(r.get("blocks", ())) for r in rows):
+        batch["attention_mask"], batch["position_ids"] = block_attention(rows, width)
+    batch.update({
         "rows": torch.tensor([b for b, r in enumerate(rows) for _ in r["positions"]]),
         "cols": torch.tensor([p for r in rows for p in r["positions"]]),
-    }
+    })
     if "labels" in rows[0]:
         batch["labels"] = torch.tensor([y for r in rows for y in r["labels"]])
     if torch.device(device).type == "cuda":  # pinned + non-blocking: the copy does not wait for the GPU's queue

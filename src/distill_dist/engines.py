@@ -30,6 +30,7 @@ from .fileio import atomic_write_json, replace_dir
 from .hf_checkpoint import PLAN_FILE, ShardWriter
 from .losses import DenseTeacher, LossSpec, fused_linear_loss
 from .models import TORCH_DTYPES
+from .packing import body_hidden
 
 # ---------------------------------------------------------------- modules the engines wrap
 
@@ -59,8 +60,8 @@ class StudentWithLoss(torch.nn.Module):
         self.loss_head = LossHead(lm.lm_head, spec, chunk_size)
         self.peft = (peft_model,)  # the PeftModel around lm (train.adapter=lora) or None; a tuple: not a submodule
 
-    def forward(self, input_ids, attention_mask, rows, cols, labels=None, teacher=None):
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None, labels=None, teacher=None):
+        hidden = body_hidden(self.lm, input_ids, attention_mask, position_ids)
         return self.loss_head(hidden[rows, cols], labels=labels, teacher=teacher)
 
 
@@ -71,9 +72,8 @@ class TeacherHidden(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, rows, cols, **_):
-        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state[rows, cols]
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None, **_):
+        return body_hidden(self.lm, input_ids, attention_mask, position_ids)[rows, cols]
 
 
 # ---------------------------------------------------------------- DeepSpeed configs

@@ -4,10 +4,12 @@ Each question's loglik of its five targets after the prompt is computed from exa
 lm-eval-harness feeds the model (`data.encode_choices`: its context/continuation split of the joint
 encoding, its BOS rule; `build_requests`: its left truncation), in `data.format` mc (lm-eval's
 `commonsense_qa`: the letters " A".." E") or cloze (OLMES's rank classification: " " + each answer text;
-see data.py). When every continuation is one token (mc with OLMo2: " A"; Llama/sentencepiece: the bare
-"A" after ":") one forward per question suffices, otherwise each choice gets its own sequence. Only the
-positions that score a target go through `lm_head`, so a 100k-wide vocabulary costs a few rows per
-choice, not the whole sequence. With several ranks, each scores its share of the questions and rank 0
+see data.py). The torch backend reads a question's prompt once: one packed row holds the prompt and each
+choice's continuation as a block that sees the prompt and itself only (`packed_questions`, packing.py),
+so each choice is scored on exactly its lm-eval input without the prompt being re-read five times. The
+llama.cpp backend scores `build_requests`' sequences (one per choice, or one for five one-token targets).
+Only the positions that score a target go through `lm_head`, so a 100k-wide vocabulary costs a few rows
+per choice, not the whole sequence. With several ranks, each scores its share of the questions and rank 0
 gathers them.
 
 Accuracies (`ACCURACIES`), side by side, as OLMES defines them (oe_eval's MCAccuracy, where they are
@@ -36,6 +38,7 @@ from .data import (LABELS, PROMPT_VERSION, collate, continuation_strings, encode
                    prompt_and_targets)
 from .fileio import atomic_write_json, atomic_write_jsonl, dir_bytes
 from .hf_checkpoint import checkpoint_fingerprint
+from .packing import body_hidden, pack_choices, prompt_cut
 from .progress import progress_bar
 
 ECE_BINS = 15
@@ -56,7 +59,8 @@ class _Request:
 
 
 def build_requests(tokenizer, rows, max_length: int, add_bos="auto", fmt: str = "mc") -> list[_Request]:
-    """lm-eval's model inputs: (context + continuation)[-(max_length + 1):][:-1], scored on the continuation.
+    """lm-eval's model inputs: (context + continuation)[-(max_length + 1):][:-1], scored on the continuation;
+    what the llama.cpp backend scores, and per choice what a packed row reads (`packed_questions`).
 
     With one-token continuations that input is the context's last max_length ids for every choice,
     so the five share one request scored at its last position.
@@ -74,26 +78,58 @@ def build_requests(tokenizer, rows, max_length: int, add_bos="auto", fmt: str = 
     return reqs
 
 
-@torch.no_grad()
-def target_logprobs(model, batch: list[_Request], pad_id: int, device) -> list[torch.Tensor]:
-    """log p(target) for each request's scored positions, float32; right-padded batch. Only the target
-    columns leave the device (five per question), not [positions, vocab] log-probs."""
-    b = collate([{"input_ids": r.input_ids, "positions": r.positions} for r in batch], pad_id, device)
-    hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+@dataclass
+class _Question:
+    """Choices of one question that share a prompt, packed in one row (`packing.pack_choices`)."""
+    example: int
+    choices: list[int]
+    row: dict  # collate's row: input_ids, blocks, positions (from the prompt's last position to the row's end)
+    at: list[list[int]]  # per choice: indices into row["positions"] of the positions predicting its ids
+    targets: list[list[int]]  # per choice: its continuation ids
+
+
+def packed_questions(tokenizer, rows, max_length: int, add_bos="auto", fmt: str = "mc") -> list[_Question]:
+    """The torch backend's rows: a question's prompt once, each choice's continuation a block after it.
+
+    Read per choice, a row holds exactly `build_requests`' (lm-eval's) input for that choice. Choices share
+    a row when lm-eval's left truncation leaves them the same prompt: always, unless some prompt +
+    continuation exceeds max_length, and then the choices cut alike share one."""
+    out = []
+    for i, (ctx, conts) in enumerate(encode_rows(tokenizer, rows, fmt, add_bos)):
+        groups: dict[int, list[int]] = {}
+        for j, cont in enumerate(conts):
+            groups.setdefault(prompt_cut(ctx, cont, max_length), []).append(j)
+        for choices in groups.values():
+            packed = pack_choices(ctx, [conts[j] for j in choices], max_length, f"question {rows[i]['id']}")
+            first = packed["predicts"][0][0]  # the prompt's last position
+            row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"],
+                   "positions": list(range(first, len(packed["input_ids"])))}
+            out.append(_Question(i, choices, row, [[p - first for p in ps] for ps in packed["predicts"]],
+                                 [conts[j] for j in choices]))
+    return out
+
+
+@torch.inference_mode()
+def choice_logprobs(model, batch: list[_Question], pad_id: int, device) -> list[list[torch.Tensor]]:
+    """Per question of the batch, per choice: log p of each continuation id, float32. The LM head runs at the
+    scored positions only, and only the target columns leave the device."""
+    b = collate([q.row for q in batch], pad_id, device)
+    hidden = body_hidden(model, b["input_ids"], b["attention_mask"], b.get("position_ids"))
     logp = torch.log_softmax(model.lm_head(hidden[b["rows"], b["cols"]]).float(), dim=-1)
     at, targets, k = [], [], 0
-    for r in batch:  # one sequence scoring five single tokens at its last position, or one target per position
-        n = len(r.positions)
-        at += [k] * len(r.targets) if r.choice is None else list(range(k, k + n))
-        targets += r.targets
-        k += n
+    for q in batch:
+        for idx, ids in zip(q.at, q.targets):
+            at += [k + x for x in idx]
+            targets += ids
+        k += len(q.row["positions"])
     picked = logp[torch.tensor(at, device=logp.device), torch.tensor(targets, device=logp.device)].cpu()
-    return list(picked.split([len(r.targets) for r in batch]))
+    per_choice = iter(picked.split([len(ids) for q in batch for ids in q.targets]))
+    return [[next(per_choice) for _ in q.choices] for q in batch]
 
 
 def fill_logliks(logliks: np.ndarray, r: _Request, logp: np.ndarray) -> None:
-    """A request's target log-probs into the [questions, 5] table: the five choices at once, or one choice's
-    continuation (the sum over its tokens), whichever backend computed them."""
+    """A llama.cpp request's target log-probs into the [questions, 5] table: the five choices at once, or one
+    choice's continuation (the sum over its tokens)."""
     if r.choice is None:
         logliks[r.example] = logp
     else:
@@ -102,15 +138,17 @@ def fill_logliks(logliks: np.ndarray, r: _Request, logp: np.ndarray) -> None:
 
 def score_rows(model, tokenizer, rows, batch_size: int, max_length: int, device, add_bos="auto",
                progress: bool = True, fmt: str = "mc") -> np.ndarray:
-    """[len(rows), 5] float64 log-likelihoods of the five targets (lm-eval's per-choice loglik)."""
-    reqs = build_requests(tokenizer, rows, max_length, add_bos, fmt)
-    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].input_ids))  # similar lengths share a batch
+    """[len(rows), 5] float64 log-likelihoods of the five targets (lm-eval's per-choice loglik); `batch_size`
+    packed questions per forward."""
+    questions = packed_questions(tokenizer, rows, max_length, add_bos, fmt)
+    questions.sort(key=lambda q: -len(q.row["input_ids"]))  # similar lengths share a batch
     logliks = np.zeros((len(rows), 5), dtype=np.float64)
-    bar = progress_bar(total=len(reqs), desc="eval", unit="seq", disable=not progress)
-    for s in range(0, len(order), batch_size):
-        batch = [reqs[i] for i in order[s: s + batch_size]]
-        for r, lp in zip(batch, target_logprobs(model, batch, pad_token_id(tokenizer), device)):
-            fill_logliks(logliks, r, lp.double().numpy())
+    bar = progress_bar(total=len(questions), desc="eval", unit="question", disable=not progress)
+    for s in range(0, len(questions), batch_size):
+        batch = questions[s: s + batch_size]
+        for q, per_choice in zip(batch, choice_logprobs(model, batch, pad_token_id(tokenizer), device)):
+            for j, lp in zip(q.choices, per_choice):
+                logliks[q.example, j] = float(lp.double().sum())
         bar.update(len(batch))
     bar.close()
     return logliks
