@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import as_ranks, assert_same_refusal, randomize_
 from safetensors.torch import load_file
-from test_train import REPO, metrics, torchrun
+from test_train import REPO, metrics, torchrun, usr1_after_steps
 from transformers import AutoModelForCausalLM
 
 from distill_dist import cli
@@ -117,23 +117,10 @@ def test_zero3_two_ranks_equal_one_process(setup, zero3_lora):
 
 @pytest.mark.multirank
 def test_signal_then_resume_equals_uninterrupted(setup, zero3_lora):
-    import signal
-    import time
-
-    import psutil
-
     run = setup["root"] / "resumed_lora"
     args = setup["base"] + ["train.arm=kl", f"train.max_steps={STEPS}", f"train.output_dir={run}"]
     proc = torchrun(args, wait=False)
-    workers, deadline = [], time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3:
-            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
-            for w in workers:
-                w.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.02)
+    workers = usr1_after_steps(proc, run, 3)
     out, _ = proc.communicate(timeout=300)
     assert workers and "exiting with 75" in out, out[-3000:]
     assert 3 <= len(metrics(run)) < STEPS

@@ -165,21 +165,27 @@ def test_teacher_and_student_are_partitioned(zero3_run):
     assert reports[0]["teacher"]["lm.lm_head.weight"][1] > 1000
 
 
+def usr1_after_steps(proc, run: Path, steps: int) -> list:
+    """SIGUSR1 (the preemption notice) to every rank of a running torchrun job once `steps` steps are logged;
+    the signalled ranks (empty if the job ended first)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= steps:
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
+            for w in workers:
+                w.send_signal(signal.SIGUSR1)
+            return workers
+        time.sleep(0.02)
+    return []
+
+
 @pytest.mark.multirank
 def test_signal_then_resume_reproduces_uninterrupted_losses(setup, zero3_run):
     run = setup["root"] / "resumed_kl"
     args = setup["base"] + ["train.arm=kl", f"train.max_steps={STEPS}", f"train.output_dir={run}"]
     proc = torchrun(args, wait=False)
-    workers = []
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3:
-            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
-            for w in workers:
-                w.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.02)
+    workers = usr1_after_steps(proc, run, 3)
     out, _ = proc.communicate(timeout=300)
     assert workers, out[-3000:]
     lines = metrics(run)
