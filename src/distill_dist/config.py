@@ -205,6 +205,9 @@ class TrainConfig:
     ds_overrides: Dict[str, Any] = field(default_factory=dict)
     eval_after: bool = True
     tensorboard: bool = False
+    # One rank: keep ZeRO-3 partitioning (hooks, flat copies) instead of the plain ZeRO stage-0 engine that
+    # gives the same steps faster; multi-rank runs and offloading configs are ZeRO-3 either way.
+    single_rank_zero3: bool = False
 
     @property
     def loss_kind(self) -> str:
