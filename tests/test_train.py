@@ -352,6 +352,8 @@ def test_one_rank_plain_engine_steps_like_zero3(setup, tmp_path, arm, accum):
     stages = {n: json.loads((tmp_path / n / "sharding" / "rank0.json").read_text())["student_zero_stage"]
               for n in ("plain", "zero3")}
     assert stages == {"plain": 0, "zero3": 3}
+    if arm == "kl":  # one rank, teacher.placement=auto: the whole teacher on the rank, nothing to gather
+        assert json.loads((tmp_path / "plain" / "run_meta.json").read_text())["teacher"]["placement"] == "replicated"
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "zero3")
     assert len(a) == len(b) == 4 and a[0]["loss"] > 0
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # no update yet: the same forward
