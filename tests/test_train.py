@@ -365,3 +365,20 @@ def test_one_rank_plain_engine_steps_like_zero3(setup, tmp_path, arm, accum):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_one_rank_plain_engine_resumes_exactly(setup, tmp_path, monkeypatch):
+    """The plain engine's checkpoint (model, AdamW state, schedule, RNG) resumes to the uninterrupted curve."""
+    from distill_dist import signals
+
+    args = ["train"] + setup["base"] + ["train.arm=ce", "train.max_steps=4", "train.eval_after=false"]
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'full'}"]) == 0
+    calls = []
+    monkeypatch.setattr(signals, "stop_requested", lambda: calls.append(1) or len(calls) == 2)  # after step 2
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'resumed'}"]) == signals.EXIT_PREEMPTED
+    monkeypatch.setattr(signals, "stop_requested", lambda: False)
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'resumed'}"]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+    assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in full]
