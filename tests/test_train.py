@@ -354,3 +354,47 @@ def test_gradient_checkpointing_gives_the_same_curve(setup, tmp_path):
     wa, wb = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("plain", "ckpt"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arm,accum", [("ce", 2), ("kl", 1)])
+def test_one_rank_plain_engine_steps_like_zero3(setup, tmp_path, arm, accum):
+    """One rank runs the plain (ZeRO stage 0) engine by default, train.single_rank_zero3 the ZeRO-3 one: the
+    same step-1 loss and a 4-step curve (loss, grad norm) and weights within float32 reduction-order noise."""
+    args = setup["base"] + [f"train.arm={arm}", "train.max_steps=4", f"train.grad_accum={accum}",
+                            "train.eval_after=false", "train.save_every=2"]
+    for name, zero3 in (("plain", "false"), ("zero3", "true")):
+        assert cli.main(["train"] + args + [f"train.single_rank_zero3={zero3}",
+                                            f"train.output_dir={tmp_path / name}"]) == 0
+    stages = {n: json.loads((tmp_path / n / "sharding" / "rank0.json").read_text())["student_zero_stage"]
+              for n in ("plain", "zero3")}
+    assert stages == {"plain": 0, "zero3": 3}
+    if arm == "kl":  # one rank, teacher.placement=auto: the whole teacher on the rank, nothing to gather
+        assert json.loads((tmp_path / "plain" / "run_meta.json").read_text())["teacher"]["placement"] == "replicated"
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "zero3")
+    assert len(a) == len(b) == 4 and a[0]["loss"] > 0
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # no update yet: the same forward
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=2e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert len({round(m["loss"], 6) for m in a}) > 1  # the steps really moved the weights
+    wa, wb = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("plain", "zero3"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_one_rank_plain_engine_resumes_exactly(setup, tmp_path, monkeypatch):
+    """The plain engine's checkpoint (model, AdamW state, schedule, RNG) resumes to the uninterrupted curve."""
+    from distill_dist import signals
+
+    args = ["train"] + setup["base"] + ["train.arm=ce", "train.max_steps=4", "train.eval_after=false"]
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'full'}"]) == 0
+    calls = []
+    monkeypatch.setattr(signals, "stop_requested", lambda: calls.append(1) or len(calls) == 2)  # after step 2
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'resumed'}"]) == signals.EXIT_PREEMPTED
+    monkeypatch.setattr(signals, "stop_requested", lambda: False)
+    assert cli.main(args + [f"train.output_dir={tmp_path / 'resumed'}"]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+    assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in full]

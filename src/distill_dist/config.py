@@ -255,6 +255,9 @@ class TrainConfig:
                                          "report` needs it.")
     tensorboard: bool = option(False, help="Also write TensorBoard scalars to <run dir>/tensorboard (needs the "
                                            "tensorboard package).")
+    single_rank_zero3: bool = option(False, help="One rank: keep ZeRO-3 partitioning (hooks, flat copies) instead "
+                                                 "of the plain ZeRO stage-0 engine that gives the same steps faster; "
+                                                 "multi-rank, offloading and bf16/fp16 runs are ZeRO-3 either way.")
     adapter: str = option("full", choices=ADAPTERS,
                           help="What recovery trains: full = every parameter of the student; lora = low-rank "
                                "adapters (peft) on train.lora_targets with the base frozen, merged back into a "

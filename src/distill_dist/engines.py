@@ -192,18 +192,44 @@ def student_engine(student_dir: str, cfg: RunConfig, spec: LossSpec):
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     tr = cfg.train
-    ds = ds_config(tr.ds_config, cfg, training=True)
+    ds = _single_rank_plain(ds_config(tr.ds_config, cfg, training=True), tr)
     lm = _load_sharded(student_dir, ds, TORCH_DTYPES[cfg.model.dtype])
     if tr.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = lora.wrap(lm, tr) if tr.adapter == "lora" else None  # adapters on lm itself, in place
     student = StudentWithLoss(lm, spec, tr.chunk_size, peft_model).train()
     optimizer = torch.optim.AdamW(_param_groups(student, tr.weight_decay), lr=tr.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=runtime.get().device.type == "cuda")
+                                  fused=True)  # CUDA and CPU: one pass, no per-op temporaries
+    if ds["zero_optimization"].get("stage") == 0:
+        _clip_in_step(optimizer, tr.grad_clip)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, tr.warmup_steps, tr.max_steps,
                                                             min_lr_rate=tr.min_lr_ratio)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine
+
+
+def _single_rank_plain(ds: dict, tr) -> dict:
+    """One rank: ZeRO stage 0 in place of 3. On one rank ZeRO-3 partitions nothing, yet costs its hooks, a flat
+    gradient copy and a flat fp32 copy for the optimizer each step; stage 0 is the same step (loss, clipping,
+    AdamW, schedule, checkpoints) on the module's own parameters. Kept: offloading (there to save memory) and
+    train.single_rank_zero3 (the ZeRO-3 path, e.g. to compare against); fp32 only (bf16 keeps ZeRO-3's fp32
+    master weights and gradient accumulation)."""
+    zero, half = ds.get("zero_optimization", {}), ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    if (runtime.get().world_size > 1 or tr.single_rank_zero3 or zero.get("stage") != 3 or half
+            or any(k.startswith("offload") for k in zero)):
+        return ds
+    return {**ds, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}  # clipped by _clip_in_step
+
+
+def _clip_in_step(optimizer, max_norm: float) -> None:
+    """The plain engine's clipping, first thing in the optimizer step, keeping the norm before clipping where
+    the engine reads it (`_global_grad_norm`, as ZeRO-3 does); DeepSpeed's own stage-0 clipping keeps no norm."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip(opt, args, kwargs):
+        opt._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    optimizer.register_step_pre_hook(clip)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -308,6 +334,7 @@ def write_sharding_report(run_dir: Path, student_engine_, teacher_engine_) -> No
 
     rt = runtime.get()
     report = {"rank": rt.rank, "world_size": rt.world_size, "student": layout(student_engine_.module),
+              "student_zero_stage": student_engine_.zero_optimization_stage(),
               "student_has_optimizer": student_engine_.optimizer is not None}
     if teacher_engine_ is not None:
         t = _unwrap(teacher_engine_)

@@ -325,6 +325,8 @@ def runtime_placement(cfg: RunConfig, teacher_config: dict, student_config: dict
                       gpu_bytes: float | None) -> tuple[str, str]:
     """The placement for a run about to start: the same memory formulas as the plan, with this run's world
     size, its student's real shape (an iterative stage's) and its longest training row."""
+    if world == 1 and cfg.teacher.placement == "auto":
+        return "replicated", "one rank: its ZeRO-3 shard would be the whole teacher; replicated gathers nothing"
     t, s = ModelShape.from_config(teacher_config), ModelShape.from_config(student_config)
     lengths = {"kl": {"max_tokens": max_tokens}}
     memory = per_gpu_memory(t, s, cfg, lengths, Hardware(gpus_per_node=world), DTYPE_BYTES[cfg.model.dtype])
