@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill_dist import cli
-from distill_dist.errors import CheckpointError
+from distill_dist.errors import CheckpointError, ConfigError
 from distill_dist.hf_checkpoint import PLAN_FILE, checkpoint_fingerprint, load_plan, plan_hash
 from distill_dist.models import MLP_PROJ
 from distill_dist.prune import keep_count, neuron_scores, prune_checkpoint, select_neurons
@@ -376,6 +376,16 @@ def test_existing_unrelated_output_dir_is_not_deleted(tiny_olmo2_dir, tmp_path):
     except CheckpointError:
         pass
     assert (out / "important.txt").is_file()
+
+
+def test_rounding_that_keeps_every_neuron_is_refused_not_silent(tiny_olmo2_dir, tmp_path):
+    """keep 0.9 of the tiny model's 192 neurons is 173; rounded up to a multiple of 256 it is all 192: a 'pruned'
+    model that is the original. One line naming prune.round_to, and nothing written."""
+    with pytest.raises(ConfigError, match=rf"^config field 'prune.round_to' = 256: keep ratio 0.9 of {TINY_INTER} MLP "
+                                          rf"neurons rounds up to all {TINY_INTER}, which prunes nothing"):
+        prune_checkpoint(tiny_olmo2_dir, tmp_path / "out", 0.9, round_to=256, log=_quiet)
+    assert not (tmp_path / "out").exists()
+    assert keep_count(TINY_INTER, 0.9, 16) < TINY_INTER  # a smaller multiple still prunes
 
 
 def test_output_dir_equal_to_source_is_refused(tiny_olmo2_dir, tmp_path):

@@ -141,6 +141,9 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, keep_ratio:
     mcfg = read_model_config(src)
     inter = mcfg["intermediate_size"]
     k = keep if keep is not None else keep_count(inter, keep_ratio, round_to)
+    if keep is None and keep_ratio < 1 and k == inter:
+        raise ConfigError(f"config field 'prune.round_to' = {round_to}: keep ratio {keep_ratio} of {inter} MLP neurons "
+                          f"rounds up to all {inter}, which prunes nothing; lower prune.round_to or the keep ratio")
     if not 0 < k <= inter:
         raise CheckpointError(f"cannot keep {k} of {inter} MLP neurons per layer")
     shards = index_checkpoint(src)
