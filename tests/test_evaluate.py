@@ -185,8 +185,8 @@ def test_packed_questions_match_reference(tiny_model, tiny_model64, tiny_tokeniz
     for i, (c, cs) in enumerate(((ctx, conts), (short_ctx, single))):
         packed = pack_choices(c, cs, 512)
         first = len(c) - 1
-        row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"],
-               "positions": list(range(first, len(packed["input_ids"])))}
+        row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"], "positions": packed["positions"]}
+        assert row["positions"] == list(range(first, len(packed["input_ids"])))
         at = [[p - first for p in ps] for ps in packed["predicts"]]
         batch.append(_Question(i, list(range(len(cs))), row, at, cs))
     assert batch[1].row["input_ids"] == short_ctx and batch[1].row["positions"] == [len(short_ctx) - 1]

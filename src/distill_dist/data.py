@@ -309,8 +309,8 @@ def _kl_cloze_row(record: dict, ctx: list[int], conts: list[list[int]], position
     """The cloze KL arm's row: the prompt and all five continuations packed (see `build_train_examples`)."""
     packed = pack_choices(ctx, conts, max_length, f"training row {record['id']}")
     ids = packed["input_ids"]
-    first = 0 if positions == "all" else packed["predicts"][0][0]  # every block position predicts a choice token
-    return {"id": record["id"], "input_ids": ids, "blocks": packed["blocks"], "positions": list(range(first, len(ids)))}
+    pos = list(range(len(ids))) if positions == "all" else packed["positions"]
+    return {"id": record["id"], "input_ids": ids, "blocks": packed["blocks"], "positions": pos}
 
 
 def pad_token_id(tokenizer) -> int:

@@ -101,9 +101,8 @@ def packed_questions(tokenizer, rows, max_length: int, add_bos="auto", fmt: str 
             groups.setdefault(prompt_cut(ctx, cont, max_length), []).append(j)
         for choices in groups.values():
             packed = pack_choices(ctx, [conts[j] for j in choices], max_length, f"question {rows[i]['id']}")
-            first = packed["predicts"][0][0]  # the prompt's last position
-            row = {"input_ids": packed["input_ids"], "blocks": packed["blocks"],
-                   "positions": list(range(first, len(packed["input_ids"])))}
+            row = {k: packed[k] for k in ("input_ids", "blocks", "positions")}
+            first = row["positions"][0]  # the prompt's last position
             out.append(_Question(i, choices, row, [[p - first for p in ps] for ps in packed["predicts"]],
                                  [conts[j] for j in choices]))
     return out

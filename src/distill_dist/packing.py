@@ -29,7 +29,8 @@ def pack_choices(ctx: list[int], conts: list[list[int]], max_length: int, where:
     """One row: the prompt, cut from the left as lm-eval cuts it for the longest continuation, then each
     continuation minus its last id as a block. `predicts[j]` lists the positions whose next-token
     distribution predicts continuation j's ids in order: the prompt's last position (shared by every
-    block), then block j's own positions."""
+    block), then block j's own positions. `positions` is every position that predicts some continuation
+    id: the prompt's last and every block position (what evaluation scores and the cloze KL arm supervises)."""
     cut = max(prompt_cut(ctx, c, max_length) for c in conts)
     if cut >= len(ctx):
         raise DataError(f"{where or 'a question'}: a continuation of {max(map(len, conts))} tokens leaves no room for "
@@ -40,7 +41,8 @@ def pack_choices(ctx: list[int], conts: list[list[int]], max_length: int, where:
         predicts.append([len(prompt) - 1] + list(range(len(ids), len(ids) + len(cont) - 1)))
         ids += cont[:-1]
         blocks.append(len(cont) - 1)
-    return {"input_ids": ids, "blocks": blocks, "predicts": predicts}
+    return {"input_ids": ids, "blocks": blocks, "predicts": predicts,
+            "positions": list(range(len(prompt) - 1, len(ids)))}
 
 
 def block_attention(rows: list[dict], width: int) -> tuple[torch.Tensor, torch.Tensor]:
