@@ -101,6 +101,9 @@ class Group:
         label = lora.label(self.adapter)
         return ARM_NAMES.get(arm, arm.upper()) + (f"·{label}" if label else "")
 
+    def kl_minus_ce(self) -> "Comparison | None":
+        return next((c for c in self.comparisons if (c.a, c.b) == (self.arm_name("kl"), self.arm_name("ce"))), None)
+
 
 @dataclass
 class ScoreStudy:
@@ -471,7 +474,7 @@ def overview_markdown(groups: list[Group], with_score: bool = False) -> list[str
         accs = [_cell(mean_sd(g.models[k], "acc")[0], None, True) if k in g.models else "—"
                 for k in ("ce", "kl", "pruned")]
         seeds = sorted({s for k in ("ce", "kl") if k in g.models for s in g.models[k].seeds})
-        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == (g.arm_name("kl"), g.arm_name("ce"))), None)
+        kl_ce = g.kl_minus_ce()
         delta = stats.format_interval("acc", kl_ce.intervals["acc"]).replace(" pts", "") if kl_ce else "—"
         score = f"{g.score} | " if with_score else ""
         score += f"{lora.label(g.adapter) or 'full'} | " if adapters else ""
@@ -488,7 +491,7 @@ def study_markdown(st: ScoreStudy) -> list[str]:
            "| score | params | CE acc | KL acc | KL − CE Δacc, pts [95% CI] |", "|---|---|---|---|---|"]
     for score, g in st.groups.items():
         cells = [_cell(*mean_sd(g.models[k], "acc"), False) if k in g.models else "—" for k in ("ce", "kl")]
-        kl_ce = next((c for c in g.comparisons if (c.a, c.b) == (g.arm_name("kl"), g.arm_name("ce"))), None)
+        kl_ce = g.kl_minus_ce()
         delta = stats.format_interval("acc", kl_ce.intervals["acc"]).replace(" pts", "") if kl_ce else "—"
         arm = next((m for k, m in g.models.items() if k in ARM_NAMES), None)
         params = "—" if arm is None or arm.params_retained is None else f"{arm.params_retained:.1%}"
