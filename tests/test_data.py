@@ -199,6 +199,26 @@ def test_subsample_too_large(synthetic_data_dir):
         subsample(ds, len(ds) + 1, 0)
 
 
+def test_holdout_is_the_train_tail_and_training_never_reads_it(synthetic_data_dir):
+    root = str(synthetic_data_dir)
+    full = load_split(DataConfig(path=root), "train")["id"]
+    held = load_split(DataConfig(path=root, holdout=30), "holdout")["id"]
+    kept = load_split(DataConfig(path=root, holdout=30), "train")["id"]
+    assert held == full[-30:] and kept == full[:-30]
+    sub = load_split(DataConfig(path=root, holdout=30, train_examples=100, seed=3), "train")["id"]
+    assert len(set(sub)) == 100 and not set(sub) & set(held)
+    assert sub != kept[:100], "the subsample is still drawn (seeded) from the rows left to train on"
+    assert load_split(DataConfig(path=root, holdout=30), "validation")["id"] == \
+        load_split(DataConfig(path=root), "validation")["id"]
+
+
+def test_holdout_refusals(synthetic_data_dir):
+    with pytest.raises(DataError, match=r"eval\.split=holdout needs config field 'data\.holdout' > 0"):
+        load_split(DataConfig(path=str(synthetic_data_dir)), "holdout")
+    with pytest.raises(DataError, match=r"'data\.holdout' = 200: the train split has only 200 rows"):
+        load_split(DataConfig(path=str(synthetic_data_dir), holdout=200), "train")
+
+
 # ---------------------------------------------------------------- tokenisation
 
 def test_encode_choices_real_olmo2_tokenizer(olmo2_tokenizer, real_splits):

@@ -25,7 +25,7 @@ PRUNE_SCORES = L2_SCORES + CALIBRATION_SCORES
 DATA_SOURCES = ("jsonl", "disk", "hub")
 DATA_FORMATS = ("mc", "cloze")  # how a question is put to the model (data.prompt_and_targets)
 TEACHER_PLACEMENTS = ("auto", "sharded", "replicated")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "holdout")
 # GGUF types `distill-dist export` writes: the converter's f32, then llama.cpp's quantizer for the rest.
 # Written in any case on input (llama.cpp spells them Q4_K_M, F16, ...); stored lower case.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
@@ -110,6 +110,9 @@ class DataConfig:
     train_examples: Optional[int] = option(None, help="Seeded subsample of the training split (the data-size sweep); "
                                                        "null = all rows.")
     seed: int = option(1234, help="Seed of the data.train_examples subsample.")
+    holdout: int = option(0, help="The last N rows of the train split (file order) held out: never trained on, "
+                                  "evaluated with eval.split=holdout, so a learning rate or step count is chosen "
+                                  "without reading validation; 0 = none.")
     max_length: int = option(512, help="Tokens per sequence; longer prompts lose their start, as in lm-eval.")
     add_bos: Any = option("auto", choices=("auto", True, False),
                           help="BOS before every prompt, mapped onto lm-eval's `add_bos_token`: auto = as the "
@@ -155,7 +158,8 @@ class EvalConfig:
     model: Optional[str] = option(None, help="Checkpoint (or GGUF file, eval.backend=llamacpp) to evaluate; "
                                               "null = model.path.")
     split: str = option("validation", choices=SPLITS,
-                        help="CSQA's test split has no answers: lm-eval reports validation.")
+                        help="CSQA's test split has no answers: lm-eval reports validation. holdout: the train "
+                             "split's last data.holdout rows, which training never reads.")
     limit: Optional[int] = option(None, help="First N examples (smoke runs); null = all.")
     batch_size: int = option(16, help="Questions per forward (per rank).")
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="auto = this rank's CUDA device if any, else CPU.")
@@ -502,6 +506,7 @@ def _check_teacher(tc) -> None:
 
 
 def _check_data(d) -> None:
+    _require(d.holdout >= 0, "data.holdout", "a non-negative number of rows", d.holdout)
     _require(d.train_examples is None or d.train_examples > 0, "data.train_examples",
              "a positive integer or null", d.train_examples)
     _require(d.max_length > 0, "data.max_length", "a positive integer", d.max_length)

@@ -145,8 +145,10 @@ def _from_hf(ds: datasets.Dataset, origin: str) -> datasets.Dataset:
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     """One normalised split; `train` is subsampled to cfg.train_examples with cfg.seed."""
+    if split == "holdout" or (split == "train" and cfg.holdout):
+        return _split_holdout(cfg, split)
     if split not in OFFICIAL_FILES:
-        raise DataError(f"unknown split '{split}'; expected one of {list(OFFICIAL_FILES)}")
+        raise DataError(f"unknown split '{split}'; expected one of {list(OFFICIAL_FILES)} or holdout")
     if cfg.source == "jsonl":
         root = Path(cfg.path)
         if not root.is_dir():
@@ -174,10 +176,25 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     return ds
 
 
+def _split_holdout(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """`train` without its last data.holdout rows, or (`holdout`) those rows: a slice of labelled questions that
+    training never reads, for choosing a schedule without looking at validation."""
+    if cfg.holdout <= 0:
+        raise DataError("eval.split=holdout needs config field 'data.holdout' > 0 (the train rows held out)")
+    full = load_full_train(cfg)
+    if cfg.holdout >= len(full):
+        raise DataError(f"config field 'data.holdout' = {cfg.holdout}: the train split has only {len(full)} rows")
+    cut = len(full) - cfg.holdout
+    if split == "holdout":
+        return full.select(range(cut, len(full))).flatten_indices()
+    kept = full.select(range(cut)).flatten_indices()
+    return kept if cfg.train_examples is None else subsample(kept, cfg.train_examples, cfg.seed)
+
+
 def load_full_train(cfg: DataConfig) -> datasets.Dataset:
     """The whole train split, whatever data.train_examples says: what a teacher cache covers (its shards and
     fingerprint), so that runs on different subsamples share one cache, and what a plan measures."""
-    return load_split(replace(cfg, train_examples=None), "train")
+    return load_split(replace(cfg, train_examples=None, holdout=0), "train")
 
 
 def subsample(ds: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
