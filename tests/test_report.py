@@ -356,6 +356,23 @@ def test_one_score_report_has_no_score_section(tmp_path):
     assert "score" not in md.split("\n", 3)[3] and not (tmp_path / "out" / "accuracy_by_score.png").exists()
 
 
+def test_a_score_at_a_keep_ratio_the_baseline_score_lacks(tmp_path):
+    """The real-model study's cells: both scores at keep 0.5, only taylor at 0.3. The 0.3 group stands alone
+    (its own KL − CE, no score comparison), the score study covers 0.5, and the by-score plot has both."""
+    runs = [_score_run(tmp_path, sc, arm, 0, 0.5) for sc in ("gate_up_down", "taylor") for arm in ("ce", "kl")]
+    for arm in ("ce", "kl"):
+        d = _run(tmp_path, f"taylor03_{arm}", arm, 0, acc=0.4, keep=0.3, plan="z" * 64)
+        _edit(d, "prune.score", "taylor")
+        runs.append(d)
+    md, rows = make_report([str(r) for r in runs], tmp_path / "out")
+    assert "## keep ratio 0.3 · 1000 training examples · score taylor · " in md
+    assert "## score × loss · keep ratio 0.5 · 1000 training examples (baseline score gate_up_down)" in md
+    assert "score × loss · keep ratio 0.3" not in md
+    comps = [(r["keep_ratio"], r["name"]) for r in rows if r["row_type"] == "comparison"]
+    assert (0.3, "kl-ce") in comps and not any(k == 0.3 and "·" in n for k, n in comps)
+    assert (tmp_path / "out" / "accuracy_by_score.png").stat().st_size > 20_000
+
+
 def test_cli_finds_each_keep_ratios_pruned_eval_under_one_dir(tmp_path, capsys):
     """report.pruned_eval=DIR with one evaluation per pruned model under it (slurm/reproduce.sh's layout):
     each group gets its own pruned model's row and comparisons, matched by plan hash."""

@@ -186,8 +186,8 @@ def _split_holdout(cfg: DataConfig, split: str) -> datasets.Dataset:
         raise DataError(f"config field 'data.holdout' = {cfg.holdout}: the train split has only {len(full)} rows")
     cut = len(full) - cfg.holdout
     if split == "holdout":
-        return full.select(range(cut, len(full))).flatten_indices()
-    kept = full.select(range(cut)).flatten_indices()
+        return full.select(range(cut, len(full)))
+    kept = full.select(range(cut))
     return kept if cfg.train_examples is None else subsample(kept, cfg.train_examples, cfg.seed)
 
 

@@ -706,8 +706,8 @@ def _plot_calibration(groups: list[Group], plt):
 
 
 def _plot_by_score(groups: list[Group], plt):
-    """Accuracy against keep ratio, one line per (score, arm): colour = score, marker and line = arm; one panel
-    per training-set size."""
+    """Accuracy against keep ratio, one line per (score, arm): colour = score, marker and line = arm; each score's
+    pruned models before recovery as crosses; one panel per training-set size."""
     sizes = sorted({g.train_examples for g in groups})
     scores = sorted({g.score for g in groups}, key=lambda s: (s != BASELINE_SCORE, s))
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes) + 2.5, 4.6), squeeze=False)
@@ -720,6 +720,15 @@ def _plot_by_score(groups: list[Group], plt):
                 if pts:
                     _with_interval(ax, [p[0] + dx for p in pts], [p[1] for p in pts], fmt, f"C{i % 10}",
                                    f"{ARM_NAMES[key]} · {score}")
+            pruned = sorted({(g.keep_ratio, _mean_ci(g.models["pruned"], "acc")) for g in groups
+                             if g.train_examples == n and g.score == score and "pruned" in g.models
+                             and _mean_ci(g.models["pruned"], "acc")})
+            if pruned:
+                _with_interval(ax, [p[0] for p in pruned], [p[1] for p in pruned], "x:", f"C{i % 10}",
+                               f"pruned · {score}")
+        teacher = next((g.models["teacher"] for g in groups if "teacher" in g.models), None)
+        if teacher is not None and teacher.metrics[0].get("acc") is not None:
+            ax.axhline(teacher.metrics[0]["acc"], color=STYLE["teacher"][0], ls="--", label="unpruned teacher")
         ax.axhline(1 / len(LABELS), color="lightgray", ls=":", label="chance")
         ax.set_xlim(0, 1.02)
         ax.set_xlabel("MLP keep ratio")
