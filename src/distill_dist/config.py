@@ -266,6 +266,10 @@ class TrainConfig:
                           help="What recovery trains: full = every parameter of the student; lora = low-rank "
                                "adapters (peft) on train.lora_targets with the base frozen, merged back into a "
                                "standard checkpoint as final/.")
+    freeze_embeddings: bool = option(False, help="full: the input embedding matrix stays the pruned student's "
+                                                  "(no gradient, no optimizer state), and with it a tied LM head "
+                                                  "(Gemma 3); an untied LM head trains. Changes results: recorded "
+                                                  "as adapter.freeze_embeddings, which the report compares.")
     lora_rank: int = option(16, help="lora: the rank r of each adapter pair (A: r x in, B: out x r).")
     lora_alpha: float = option(32.0, help="lora: the adapter's output is scaled by lora_alpha / lora_rank.")
     lora_dropout: float = option(0.0, help="lora: dropout on each adapter's input while training (0 keeps 1-rank "
@@ -544,6 +548,9 @@ def _check_train(tr) -> None:
     _require(tr.pg_timeout_minutes > 0, "train.pg_timeout_minutes", "a positive number", tr.pg_timeout_minutes)
     _require(tr.io_timeout_minutes > 0, "train.io_timeout_minutes", "a positive number", tr.io_timeout_minutes)
     _require(tr.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 = no clipping)", tr.grad_clip)
+    _require(not (tr.freeze_embeddings and tr.adapter == "lora"), "train.freeze_embeddings",
+             "false with train.adapter=lora (LoRA freezes every base weight, the embeddings included)",
+             tr.freeze_embeddings)
     _require(tr.lora_rank >= 1, "train.lora_rank", "an integer >= 1", tr.lora_rank)
     _require(tr.lora_alpha > 0, "train.lora_alpha", "a positive number", tr.lora_alpha)
     _require(0 <= tr.lora_dropout < 1, "train.lora_dropout", "a number in [0, 1)", tr.lora_dropout)

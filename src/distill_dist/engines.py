@@ -196,6 +196,8 @@ def student_engine(student_dir: str, cfg: RunConfig, spec: LossSpec):
     lm = _load_sharded(student_dir, ds, TORCH_DTYPES[cfg.model.dtype])
     if tr.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tr.freeze_embeddings:  # a tied LM head is this same parameter: frozen with it; an untied one trains
+        lm.get_input_embeddings().weight.requires_grad_(False)
     peft_model = lora.wrap(lm, tr) if tr.adapter == "lora" else None  # adapters on lm itself, in place
     student = StudentWithLoss(lm, spec, tr.chunk_size, peft_model).train()
     optimizer = torch.optim.AdamW(_param_groups(student, tr.weight_decay), lr=tr.lr, betas=(0.9, 0.95), eps=1e-8,

@@ -23,16 +23,19 @@ COUNTS = ("trainable_params", "trainable_share")  # what `describe` adds to the 
 
 
 def settings(tr) -> dict:
-    """The adapter settings a run records (run_meta.json `adapter`): what resume and the report compare."""
+    """The adapter settings a run records (run_meta.json `adapter`): what resume and the report compare.
+    A full run records train.freeze_embeddings with them (what trains is the adapter's business)."""
     if tr.adapter == "full":
-        return {"kind": "full"}
+        return {"kind": "full", "freeze_embeddings": tr.freeze_embeddings}
     return {"kind": "lora", "rank": tr.lora_rank, "alpha": tr.lora_alpha, "dropout": tr.lora_dropout,
             "targets": list(tr.lora_targets)}
 
 
 def settings_of(meta: dict) -> dict:
-    """A run's recorded adapter settings without the counts (a run recorded without them was a full run)."""
-    return {k: v for k, v in meta.get("adapter", {"kind": "full"}).items() if k not in COUNTS}
+    """A run's recorded adapter settings without the counts (a run recorded without them was a full run, one
+    recorded without freeze_embeddings a full run that trained its embeddings)."""
+    recorded = {k: v for k, v in meta.get("adapter", {"kind": "full"}).items() if k not in COUNTS}
+    return ({"freeze_embeddings": False} | recorded) if recorded["kind"] == "full" else recorded
 
 
 def label(adapter: dict | None) -> str:
@@ -61,8 +64,9 @@ def describe(student_dir: str, tr) -> dict:
     model = _meta_model(student_dir)
     total = sum(p.numel() for p in model.parameters())
     out = settings(tr)
-    if tr.adapter == "full":
-        return out | {"trainable_params": total, "trainable_share": 1.0}
+    if tr.adapter == "full":  # a tied LM head is the embedding's tensor, counted once in `total`
+        trainable = total - (model.get_input_embeddings().weight.numel() if tr.freeze_embeddings else 0)
+        return out | {"trainable_params": trainable, "trainable_share": trainable / total}
     head = model.get_output_embeddings()
     linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     for target in tr.lora_targets:

@@ -38,8 +38,9 @@ from .evaluate import ACCURACIES, ECE_BINS, confidence_bins
 from .fileio import atomic_write_bytes, atomic_write_text
 
 # Fields that must be equal within a group (dotted: a nested dict is compared leaf by leaf). `adapter`: the
-# settings of train.adapter (full, or LoRA's rank, alpha, dropout, targets); runs are grouped by it as well, so
-# a LoRA arm is its own arm ("KL·LoRA r16") and never paired with a full-parameter run.
+# settings of train.adapter (full with train.freeze_embeddings, or LoRA's rank, alpha, dropout, targets); runs
+# are grouped by its label as well, so a LoRA arm is its own arm ("KL·LoRA r16") and never paired with a
+# full-parameter run, while a group mixing frozen and trained embeddings is refused.
 COMPARED = ("plan_sha256", "prune", "schedule", "data", "loss.positions", "loss.temperature", "eval.split", "adapter")
 NOT_COMPARED = {"schedule.seed"}  # seeds are the replicates
 ACROSS_SCORES = {"plan_sha256", "prune.score"}  # what may differ between the scores of a study
@@ -442,12 +443,21 @@ def group_markdown(g: Group, with_score: bool = False) -> list[str]:
 
 
 def adapter_header(adapter: dict) -> str:
-    """' · LoRA r16 (alpha 32, 0.8 % of parameters trained)' for a LoRA group; '' for full recovery."""
-    if adapter.get("kind", "full") == "full":
-        return ""
+    """' · LoRA r16 (alpha 32, 0.8 % of parameters trained)' for a LoRA group, ' · embeddings frozen (27.69 % of
+    parameters trained)' for full recovery with train.freeze_embeddings; '' for full recovery."""
     share = adapter.get("trainable_share")
-    trained = f", {share:.2%} of parameters trained" if share is not None else ""
-    return f" · {lora.label(adapter)} (alpha {adapter['alpha']:g}{trained})"
+    trained = [] if share is None else [f"{share:.2%} of parameters trained"]
+    if adapter.get("kind", "full") == "full":
+        frozen = adapter.get("freeze_embeddings")
+        return " · embeddings frozen" + "".join(f" ({t})" for t in trained) if frozen else ""
+    return f" · {lora.label(adapter)} (" + ", ".join([f"alpha {adapter['alpha']:g}", *trained]) + ")"
+
+
+def adapter_cell(adapter: dict) -> str:
+    """The overview's adapter column: 'full', 'full, embeddings frozen' or the LoRA label."""
+    if adapter.get("kind", "full") == "full":
+        return "full, embeddings frozen" if adapter.get("freeze_embeddings") else "full"
+    return lora.label(adapter)
 
 
 def _comparisons_markdown(comparisons: list[Comparison], notes: list[str]) -> list[str]:
@@ -466,7 +476,7 @@ def _comparisons_markdown(comparisons: list[Comparison], notes: list[str]) -> li
 def overview_markdown(groups: list[Group], with_score: bool = False) -> list[str]:
     """One row per group, the plots' points as numbers (with several groups; each group's section has the rest)."""
     score = "score | " if with_score else ""
-    adapters = any(g.adapter.get("kind", "full") != "full" for g in groups)
+    adapters = any(adapter_cell(g.adapter) != "full" for g in groups)
     out = [f"| keep ratio | training examples | {score}{'adapter | ' if adapters else ''}seeds | CE acc | KL acc | "
            "pruned acc | KL − CE, pts [95% CI] |",
            "|---|---|---|---|---|---|---|" + ("---|" if with_score else "") + ("---|" if adapters else "")]
@@ -477,7 +487,7 @@ def overview_markdown(groups: list[Group], with_score: bool = False) -> list[str
         kl_ce = g.kl_minus_ce()
         delta = stats.format_interval("acc", kl_ce.intervals["acc"]).replace(" pts", "") if kl_ce else "—"
         score = f"{g.score} | " if with_score else ""
-        score += f"{lora.label(g.adapter) or 'full'} | " if adapters else ""
+        score += f"{adapter_cell(g.adapter)} | " if adapters else ""
         out.append(f"| {g.keep_ratio} | {g.train_examples} | {score}{_seeds(seeds)} | " + " | ".join(accs)
                    + f" | {delta} |")
     return out + [""]
