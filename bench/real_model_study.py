@@ -13,7 +13,8 @@ configs/gemma3_270m_cloze_cpu.yaml, with any key=value overrides appended to eac
            dev): both arms, seed 0, on the headline cell (the first), one run per --lrs value; the lr with
            the best mean held-out acc_per_char over the two arms is the one every run below uses
   train    CE and KL arms x seeds x cells (one rank, live teacher, the same schedule), each evaluated after
-  edge     (--edge) the headline cell's recovered models exported to Q4_K_M and scored inside llama.cpp
+  edge     (--edge) the teacher, the headline cell's pruned model and its recovered models exported to
+           export.types (Q4_K_M) and scored inside llama.cpp
   report   paired KL - CE intervals, score x loss, McNemar, plots
 
 Each stage prints its wall time and the peak RSS of its largest process, and they are written to
@@ -146,13 +147,16 @@ class Study:
     def edge(self, runs: list[Path]) -> list[str]:
         from distill_dist.export import gguf_name
 
-        headline = self.root / "runs" / self.cell_name(*self.cells[0])
-        for run in (r for r in runs if r.parent == headline):
-            out = self.root / "edge" / run.name
-            self.run(f"export {run.name}", ["export", f"export.model={run / 'final'}", f"export.output_dir={out}"],
+        name = self.cell_name(*self.cells[0])
+        headline = self.root / "runs" / name
+        models = {"teacher": Path(self.cfg.model.path), f"pruned_{name}": self.root / "pruned" / name}
+        models |= {r.name: r / "final" for r in runs if r.parent == headline}
+        for label, model in models.items():
+            out = self.root / "edge" / label
+            self.run(f"export {label}", ["export", f"export.model={model}", f"export.output_dir={out}"],
                      out / "manifest.json")
             for t in self.cfg.export.types:
-                self.run(f"llama.cpp eval {run.name} {t}", ["eval", "eval.backend=llamacpp",
+                self.run(f"llama.cpp eval {label} {t}", ["eval", "eval.backend=llamacpp",
                          f"eval.model={out / gguf_name(t)}", f"eval.output_dir={out / f'eval-{t}'}"],
                          out / f"eval-{t}" / "eval.json")
         return [str(self.root / "edge")]
@@ -169,8 +173,9 @@ def main() -> None:
                     help="SCORE:KEEP pruned models (prune.score, keep ratio); the first is the headline cell")
     ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4], help="candidate learning rates")
     ap.add_argument("--seeds", type=int, default=2, help="training seeds per arm and cell")
-    ap.add_argument("--edge", action="store_true", help="also export the headline cell's recovered models to "
-                                                        "export.types and score them in llama.cpp")
+    ap.add_argument("--edge", action="store_true", help="also export the teacher, the headline cell's pruned "
+                                                        "and recovered models to export.types and score them in "
+                                                        "llama.cpp")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = ap.parse_args()
     if importlib.util.find_spec(PACKAGE) is None:

@@ -161,10 +161,12 @@ def cmd_report(cfg: RunConfig) -> str:
     md, _ = make_report(cfg.report.runs, cfg.report.output_dir, cfg.report.teacher_eval,
                         pruned_eval_paths(cfg.report.pruned_eval), cfg.report.edge)
     print(md)
-    from .report import EDGE_CSV, EDGE_PLOT, PLOTS
+    from .report import EDGE_CSV, EDGE_PLOT, PLOTS, SCORE_PLOT
 
-    edge = f", {EDGE_CSV}, {EDGE_PLOT}" if (Path(cfg.report.output_dir) / EDGE_PLOT).is_file() and cfg.report.edge else ""
-    print(f"report: {Path(cfg.report.output_dir) / 'report.md'} (+ report.csv, {', '.join(PLOTS)}{edge})")
+    out = Path(cfg.report.output_dir)
+    by_score = f", {SCORE_PLOT}" if (out / SCORE_PLOT).is_file() else ""
+    edge = f", {EDGE_CSV}, {EDGE_PLOT}" if (out / EDGE_PLOT).is_file() and cfg.report.edge else ""
+    print(f"report: {out / 'report.md'} (+ report.csv, {', '.join(PLOTS)}{by_score}{edge})")
     return md
 
 

@@ -699,7 +699,9 @@ def _plot_calibration(groups: list[Group], plt):
                      label=f"{m.name if key in ARM_NAMES else key} (ECE {ece:.3f})" if ece is not None else m.name)
             top.scatter(c, a, s=600 * n / n.sum() + 6, color=color, alpha=0.6, edgecolors="none")
             bottom.stairs(all_counts / all_counts.sum(), edges, color=color, lw=1.2)
-        top.set_title(f"keep {g.keep_ratio}, {g.train_examples} examples{adapter_header(g.adapter)}", fontsize=9)
+        score = f", {g.score}" if len({x.score for x in groups}) > 1 else ""
+        top.set_title(f"keep {g.keep_ratio}{score}, {g.train_examples} examples{adapter_header(g.adapter)}",
+                      fontsize=9)
         top.set_xlim(0, 1), top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
         if top.get_legend_handles_labels()[0]:
@@ -966,7 +968,8 @@ def _plot_edge(egs: list[EdgeGroup], plt):
         ax.set_xscale("log")
         ax.set_xlabel("GGUF file size, MB (log scale)")
         ax.set_ylabel(accuracy_axis(eg.group.headline))
-        ax.set_title(f"keep {eg.group.keep_ratio}, {eg.group.train_examples} examples", fontsize=9)
+        score = "" if eg.group.score == BASELINE_SCORE else f", {eg.group.score}"
+        ax.set_title(f"keep {eg.group.keep_ratio}{score}, {eg.group.train_examples} examples", fontsize=9)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"On the edge device: accuracy in llama.cpp against file size\n(bars: {BAND})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
