@@ -21,6 +21,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Keep the 2-core machine responsive and runs reproducible.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The files that take minutes (Slurm clusters, the demo, the GPU check's sections), slowest first: under the
+# README's `-n 2 --dist loadfile` they start at once on the two workers while the short files fill the gaps
+# (much of a Slurm test is waiting: daemons starting, requeue delays), instead of one of them coming last.
+SLOWEST_FIRST = ("test_slurm_multinode.py", "test_demo.py", "test_gpu_check.py", "test_slurm.py",
+                 "test_resilience.py", "test_edge.py", "test_train.py", "test_runtime.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below, not by test count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests stay together
+
 
 def shared_path(*parts: str) -> Path:
     """A path under the shared reference data, or a clean skip naming what is missing."""

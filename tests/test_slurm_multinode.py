@@ -114,7 +114,8 @@ def preemptions(cluster, work):
     start-ups, requeue delays (cred_expire) and restarts overlap instead of adding up (Slurm runs two of
     them at a time: each takes one CPU of each node). -> {case: (scontrol fields, log text, run dir)}."""
     jobs = {}
-    with cpu_load():
+    # under pytest-xdist the other worker's tests are the second load
+    with cpu_load(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2):
         for launcher, signal_name, when in PREEMPTIONS:
             run = work["root"] / f"preempt_{launcher}_{signal_name}"
             job, log = run_job(cluster, work, f"pre_{launcher}_{signal_name}", f"train.output_dir={run}",
