@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp runtime is not installed (bash setup.sh installs it)")
 
@@ -34,12 +33,6 @@ from distill_dist.prune import prune_checkpoint  # noqa: E402
 PARITY_QUESTIONS = 300
 PARITY_TOL = 1e-3  # nats per choice, f32 GGUF with an f32 KV cache against transformers in float32
 TYPES = ["f32", "q8_0", "q4_k_m"]
-# nats per scored token, prefix-reusing scores against each request from a cleared cache: the decode after the
-# kept prefix is a smaller batch, so llama.cpp's f32 matmuls reduce in another order. Measured max |dlogp| on
-# test_prefix_reuse_scores_as_a_cleared_cache's requests: see docs/edge.md. A wrong cache (a stale or missing
-# position) moves log p by far more.
-REUSE_TOL = 1e-3
-SWA_WINDOW = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,84 +135,6 @@ def test_cloze_scored_in_llamacpp_as_in_torch(olmo2_tokenizer, csqa_dir, tmp_pat
     torch_m, _ = results_from_logliks(eval_split(cfg), ref, lengths, "acc_per_char")
     assert m["headline"] == "acc_per_char"
     assert all(m[k] == torch_m[k] for k in ("acc", "acc_per_token", "acc_per_char"))
-
-
-def _tiny_gemma3(tok, window: int):
-    """A random Gemma 3 whose sliding window (`window`) is shorter than every prompt. llama.cpp makes every
-    6th Gemma 3 layer global whatever `layer_types` says, so 5 sliding layers + 1 global match it."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=6,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-                           sliding_window=window, layer_types=["sliding_attention"] * 5 + ["full_attention"],
-                           pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model
-
-
-@pytest.fixture(scope="module")
-def reuse_ggufs(tmp_path_factory, olmo2_tokenizer):
-    """f32 and a quantized type of a tiny OLMo2 and of a tiny Gemma 3 with a sliding window of SWA_WINDOW."""
-    root = tmp_path_factory.mktemp("edge_reuse")
-    out = {}
-    olmo2 = make_tiny_model(olmo2_tokenizer, "olmo2", seed=5, inter=256)
-    gemma3 = _tiny_gemma3(olmo2_tokenizer, SWA_WINDOW)
-    for name, model, types in [("olmo2", olmo2, ["f32", "q4_k_m"]), ("gemma3", gemma3, ["f32", "q8_0"])]:
-        model.save_pretrained(root / name)
-        olmo2_tokenizer.save_pretrained(root / name)
-        export_mod.export(root / name, root / f"{name}-gguf", types, threads=1, log=lambda *a: None)
-        out |= {(name, t): root / f"{name}-gguf" / export_mod.gguf_name(t) for t in types}
-    return out
-
-
-def _reused_and_alone(gguf: Path, reqs: list[dict]) -> tuple[np.ndarray, np.ndarray, list[int], int]:
-    """(scores of reqs in order, reusing the cache; each request's scores from a cleared cache; where each
-    request's decode began; the model's sliding window) from one Session."""
-    s = llamacpp.Session(str(gguf), -(-max(len(r["ids"]) for r in reqs) // 64) * 64, 1, gguf.name.endswith("f32.gguf"))
-    starts, decode = [], s.decode
-    s.decode = lambda ids, start, rows: starts.append(start) or decode(ids, start, rows)  # a spy on the real decode
-    try:
-        reused = llamacpp.score(s, reqs)
-        alone = []
-        for r in reqs:
-            s.clear()
-            alone += llamacpp.score(s, [r])
-    finally:
-        s.close()
-    return _flat(reused), _flat(alone), starts[:len(reqs)], s.n_swa
-
-
-def _flat(scores: list) -> np.ndarray:
-    return np.concatenate([np.ravel(x) for x in scores])
-
-
-@pytest.mark.parametrize("model,gguf_type",
-                         [("olmo2", "f32"), ("olmo2", "q4_k_m"), ("gemma3", "f32"), ("gemma3", "q8_0")])
-def test_prefix_reuse_scores_as_a_cleared_cache(reuse_ggufs, model, gguf_type, olmo2_tokenizer, csqa_dir):
-    """Cloze requests scored in a row keep the KV cache of the prompt their choices share: the scores equal each
-    request decoded whole from a cleared cache within REUSE_TOL. Then the same requests shuffled (a neighbour
-    shares only `Question:` or a prompt not next to it) and one sharing nothing with the cache."""
-    rows = list(eval_split(_cfg(csqa_dir, Path("unused"), "data.format=cloze", "eval.limit=20")))
-    built = build_requests(olmo2_tokenizer, rows, 512, fmt="cloze")
-    reqs = [{"ids": r.input_ids, "positions": r.positions, "targets": [[t] for t in r.targets]} for r in built]
-    shuffled = [reqs[i] for i in np.random.default_rng(0).permutation(len(reqs))]
-    other = {**reqs[-1], "ids": [reqs[-1]["ids"][0] + 1] + reqs[-1]["ids"][1:]}
-    every = reqs + shuffled + [other]
-    reused, alone, starts, n_swa = _reused_and_alone(reuse_ggufs[model, gguf_type], every)
-    diff, tokens = np.abs(reused - alone).max(), sum(len(r["ids"]) for r in every)
-    print(f"\n{model} {gguf_type}: prefix reuse vs cleared cache on {len(every)} requests: max |dlogp| {diff:.2e} "
-          f"(tolerance {REUSE_TOL}), {tokens - sum(starts)} of {tokens} tokens decoded")
-    assert diff < REUSE_TOL and np.ptp(alone) > 1
-    # a question's later choices decode only their continuation; the request sharing nothing, all of it
-    later_choices = [i for i in range(1, len(built)) if built[i].example == built[i - 1].example]
-    assert len(later_choices) > 3 * len(rows) and all(starts[i] == reqs[i]["positions"][0] for i in later_choices)
-    assert starts[-1] == 0
-    if model == "gemma3":
-        assert n_swa == SWA_WINDOW and min(r["positions"][0] for r in reqs) > SWA_WINDOW, "the window must bite"
 
 
 def test_manifest_records_source_files_and_effective_types(tinystories):

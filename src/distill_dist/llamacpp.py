@@ -6,12 +6,10 @@ It imports only llama_cpp, numpy and the standard library, so the scoring proces
 and the model and nothing else: its peak RSS is what a device needs, not what PyTorch needs.
 
 Scoring feeds our token ids (lm-eval's request rule, `evaluate.build_requests`), never text: llama.cpp's
-own tokenizer does not give Hugging Face's ids for every tokenizer (TinyStories-656K's differs). A request
-keeps the KV cache of the prefix it shares with the ids already there (a cloze question's prompt, which its
-choices share) up to its first scored position, and decodes the rest in one llama_decode call (n_batch =
-n_ubatch = n_ctx, so a sequence is never split further), with logits asked only at the scored positions and
-read with llama_get_logits_ith. The shorter batch reorders float reductions in llama.cpp's f32 matmuls, so
-scores equal a whole-sequence decode within tests/test_edge.py's REUSE_TOL. An f32 file gets an
+own tokenizer does not give Hugging Face's ids for every tokenizer (TinyStories-656K's differs). Each
+request is decoded as one batch (the whole sequence in one llama_decode call, n_batch = n_ubatch = n_ctx),
+with logits asked only at the scored positions and read with llama_get_logits_ith: quantized
+log-likelihoods depend on how a sequence is split into batches, so the split is fixed. An f32 file gets an
 f32 KV cache (llama.cpp's default f16 cache alone moves per-choice log-likelihoods by ~5e-3 nats);
 every other type keeps the default f16 cache, as a device would run it.
 """
@@ -108,14 +106,11 @@ class Session:
         lc = self.lc = runtime()
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
         self.llm = lc.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, logits_all=False, verbose=False, **kv,
-                            swa_full=True)  # sliding-window layers keep every position: a kept prompt stays whole
+                            n_threads_batch=threads, logits_all=False, verbose=False, **kv)
         self.ctx = self.llm.ctx
         self.n_ctx = n_ctx
         self.n_vocab = self.llm.n_vocab()
-        self.n_swa = lc.llama_model_n_swa(self.llm.model)  # 0: no sliding-window layers
         self.batch = lc.llama_batch_init(n_ctx, 0, 1)
-        self.cached: list[int] = []  # the ids in the KV cache, at positions 0..
 
     def close(self) -> None:
         self.lc.llama_batch_free(self.batch)
@@ -126,29 +121,9 @@ class Session:
 
     def clear(self) -> None:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
-        self.cached = []
-
-    def keep(self, n: int) -> int:
-        """Cut the KV cache to its first n positions; how many it kept (0 after a clear).
-
-        The cache is cleared where llama.cpp cannot remove the tail (seq_rm returns False) or where a
-        sliding-window cache no longer holds what a query at position n attends to (llama.cpp reuses cells
-        that left every window; its server checks the same bound before reusing a prompt)."""
-        n = min(n, len(self.cached))
-        mem = self.lc.llama_get_memory(self.ctx)
-        if n == 0 or not self.lc.llama_memory_seq_rm(mem, 0, n, -1):
-            self.clear()
-            return 0
-        self.cached = self.cached[:n]
-        if self.lc.llama_memory_seq_pos_min(mem, 0) > (max(0, n - self.n_swa) if self.n_swa else 0):
-            self.clear()
-            return 0
-        return n
 
     def decode(self, ids: list[int], start: int, rows: list[int]) -> np.ndarray:
         """Append ids at positions start.. (one llama_decode call); [len(rows), n_vocab] float32 logits."""
-        if start != len(self.cached):
-            raise ValueError(f"decode at position {start}, but the KV cache holds {len(self.cached)} positions")
         b, want = self.batch, set(rows)
         b.n_tokens = len(ids)
         for i, t in enumerate(ids):
@@ -157,7 +132,6 @@ class Session:
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for {len(ids)} tokens at position {start}")
-        self.cached += ids
         return np.stack([np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, r), shape=(self.n_vocab,))
                          for r in rows]).copy() if rows else np.zeros((0, self.n_vocab), np.float32)
 
@@ -168,22 +142,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
 def score(s: Session, requests: list[dict]) -> list[list[list[float]]]:
-    """Per request, per scored position, log p(target) for each of its targets (float64 log-softmax).
-
-    A request keeps the KV cache of the prefix it shares with the cached ids (a cloze question's prompt,
-    shared by its choices) up to its first scored position, whose logits must come from this decode, and
-    decodes the rest in one batch."""
+    """Per request, per scored position, log p(target) for each of its targets (float64 log-softmax)."""
     out = []
     for r in requests:
-        ids, rows = r["ids"], r["positions"]
-        start = s.keep(min([_common_prefix(s.cached, ids), *rows]))
-        logp = _log_softmax(s.decode(ids[start:], start, [p - start for p in rows]))
+        s.clear()
+        logp = _log_softmax(s.decode(r["ids"], 0, r["positions"]))
         out.append([[float(lp[t]) for t in targets] for lp, targets in zip(logp, r["targets"])])
     return out
 
@@ -236,8 +200,7 @@ def run_job(job: dict) -> dict:
     return {"scores": scores, "edge": {
         "load_s": load_s, "score_s": score_s, "score_threads": threads[0], "rss_before_load_bytes": rss_before,
         "peak_rss_bytes": _peak_rss_bytes(), "n_ctx": job["n_ctx"], "kv_cache": "f32" if job["f32_kv"] else "f16",
-        "batching": "one llama_decode per request (what follows the prefix kept in the KV cache)", "speed": speeds,
-        "llama_cpp_python": version()}}
+        "batching": "one llama_decode per request (whole sequence)", "speed": speeds, "llama_cpp_python": version()}}
 
 
 def run_isolated(job: dict) -> dict:
