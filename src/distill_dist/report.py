@@ -965,8 +965,10 @@ def _plot_edge(egs: list[EdgeGroup], plt):
             for x, (y, _, _), t in pts:
                 ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         _fit_accuracy_axis(ax, y_seen)
-        ax.set_xscale("log")
-        ax.set_xlabel("GGUF file size, MB (log scale)")
+        sizes = [x for line in ax.get_lines() for x in line.get_xdata()]
+        wide = bool(sizes) and max(sizes) > 3 * min(sizes)  # f16 .. q4 spans ~4x; one type across models only a few percent
+        ax.set_xscale("log" if wide else "linear")
+        ax.set_xlabel("GGUF file size, MB" + (" (log scale)" if wide else ""))
         ax.set_ylabel(accuracy_axis(eg.group.headline))
         score = "" if eg.group.score == BASELINE_SCORE else f", {eg.group.score}"
         ax.set_title(f"keep {eg.group.keep_ratio}{score}, {eg.group.train_examples} examples", fontsize=9)
