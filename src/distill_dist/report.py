@@ -609,16 +609,8 @@ def _plot_accuracy(groups: list[Group], plt):
             _with_interval(ax, [p[0] + dx for p in pts], [p[1] for p in pts], marker + LINESTYLES[sizes.index(n) % 4],
                            color, f"{ARM_NAMES[key]} ({n} examples)")
             y_seen += [v for p in pts for v in p[1]]
-    pruned = sorted({(g.keep_ratio, _mean_ci(g.models["pruned"], "acc")) for g in groups if "pruned" in g.models
-                     and _mean_ci(g.models["pruned"], "acc")})
-    if pruned:
-        _with_interval(ax, [p[0] for p in pruned], [p[1] for p in pruned], "x:", STYLE["pruned"][0],
-                       "pruned, before recovery")
-        y_seen += [v for p in pruned for v in p[1]]
-    teacher = next((g.models["teacher"] for g in groups if "teacher" in g.models), None)
-    if teacher is not None and teacher.metrics[0].get("acc") is not None:
-        ax.axhline(teacher.metrics[0]["acc"], color=STYLE["teacher"][0], ls="--", label="unpruned teacher")
-        y_seen.append(teacher.metrics[0]["acc"])
+    y_seen += _draw_pruned(ax, groups, STYLE["pruned"][0], "pruned, before recovery")
+    y_seen += _draw_teacher(ax, groups)
     _fit_accuracy_axis(ax, y_seen)
     ax.set_xlim(x_lo, x_hi)
     ax.set_xticks(ratios)
@@ -628,6 +620,25 @@ def _plot_accuracy(groups: list[Group], plt):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
+
+
+def _draw_pruned(ax, groups: list[Group], color: str, label: str) -> list[float]:
+    """The groups' pruned models before recovery, one cross per keep ratio (groups sharing a pruned model draw it
+    once); returns the accuracies and interval ends drawn, for the axis range."""
+    pts = sorted({(g.keep_ratio, _mean_ci(g.models["pruned"], "acc")) for g in groups if "pruned" in g.models
+                  and _mean_ci(g.models["pruned"], "acc")})
+    if pts:
+        _with_interval(ax, [p[0] for p in pts], [p[1] for p in pts], "x:", color, label)
+    return [v for p in pts for v in p[1]]
+
+
+def _draw_teacher(ax, groups: list[Group]) -> list[float]:
+    """The unpruned teacher's accuracy as a dashed line; returns it (or nothing) for the axis range."""
+    teacher = next((g.models["teacher"] for g in groups if "teacher" in g.models), None)
+    if teacher is None or teacher.metrics[0].get("acc") is None:
+        return []
+    ax.axhline(teacher.metrics[0]["acc"], color=STYLE["teacher"][0], ls="--", label="unpruned teacher")
+    return [teacher.metrics[0]["acc"]]
 
 
 def _plot_data_size(groups: list[Group], plt):
@@ -732,15 +743,9 @@ def _plot_by_score(groups: list[Group], plt):
                 if pts:
                     _with_interval(ax, [p[0] + dx for p in pts], [p[1] for p in pts], fmt, f"C{i % 10}",
                                    f"{ARM_NAMES[key]} · {score}")
-            pruned = sorted({(g.keep_ratio, _mean_ci(g.models["pruned"], "acc")) for g in groups
-                             if g.train_examples == n and g.score == score and "pruned" in g.models
-                             and _mean_ci(g.models["pruned"], "acc")})
-            if pruned:
-                _with_interval(ax, [p[0] for p in pruned], [p[1] for p in pruned], "x:", f"C{i % 10}",
-                               f"pruned · {score}")
-        teacher = next((g.models["teacher"] for g in groups if "teacher" in g.models), None)
-        if teacher is not None and teacher.metrics[0].get("acc") is not None:
-            ax.axhline(teacher.metrics[0]["acc"], color=STYLE["teacher"][0], ls="--", label="unpruned teacher")
+            _draw_pruned(ax, [g for g in groups if g.train_examples == n and g.score == score], f"C{i % 10}",
+                         f"pruned · {score}")
+        _draw_teacher(ax, groups)
         ax.axhline(1 / len(LABELS), color="lightgray", ls=":", label="chance")
         ax.set_xlim(0, 1.02)
         ax.set_xlabel("MLP keep ratio")
@@ -952,7 +957,7 @@ def _plot_edge(egs: list[EdgeGroup], plt):
     """Accuracy against GGUF file size, one line per model through its types, per group; CI bars."""
     fig, axes = plt.subplots(1, len(egs), figsize=(6.4 * len(egs), 4.6), squeeze=False)
     for ax, eg in zip(axes[0], egs):
-        y_seen = []
+        x_seen, y_seen = [], []
         for key in EDGE_ORDER:
             pts = sorted((_edge_figures(eg.evals[k])["file_bytes"] / 1e6, _mean_ci(m, "acc"), k[1])
                          for k, m in eg.models.items() if k[0] == key and _mean_ci(m, "acc"))
@@ -961,12 +966,12 @@ def _plot_edge(egs: list[EdgeGroup], plt):
             color, marker = STYLE[key]
             label = {"pruned": "pruned, before recovery", "teacher": "unpruned teacher"}.get(key, ARM_NAMES.get(key))
             _with_interval(ax, [p[0] for p in pts], [p[1] for p in pts], marker + "-", color, label)
+            x_seen += [p[0] for p in pts]
             y_seen += [v for p in pts for v in p[1]]
             for x, (y, _, _), t in pts:
                 ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         _fit_accuracy_axis(ax, y_seen)
-        sizes = [x for line in ax.get_lines() for x in line.get_xdata()]
-        wide = bool(sizes) and max(sizes) > 3 * min(sizes)  # f16 .. q4 spans ~4x; one type across models only a few percent
+        wide = bool(x_seen) and max(x_seen) > 3 * min(x_seen)  # f16 .. q4 spans ~4x; one type across models a few %
         ax.set_xscale("log" if wide else "linear")
         ax.set_xlabel("GGUF file size, MB" + (" (log scale)" if wide else ""))
         ax.set_ylabel(accuracy_axis(eg.group.headline))
