@@ -74,7 +74,7 @@ class Stages:
 
 
 class Study:
-    """The study's stages in order; `cli` and `train` build one CLI command each with the common arguments."""
+    """The study's stages in order; `run` and `train` build one CLI command each with the common arguments."""
 
     def __init__(self, args, cfg, stages: Stages):
         self.args, self.cfg, self.stages = args, cfg, stages
@@ -85,9 +85,12 @@ class Study:
     def cell_name(self, score: str, keep: float) -> str:
         return f"{score}_keep{keep:g}"
 
+    def pruned_dir(self, score: str, keep: float) -> Path:
+        return self.root / "pruned" / self.cell_name(score, keep)
+
     def pruning(self, score: str, keep: float) -> list[str]:
         return [f"prune.score={score}", f"prune.schedule=[{keep}]", "prune.calibration=train",
-                f"prune.output_dir={self.root / 'pruned' / self.cell_name(score, keep)}"]
+                f"prune.output_dir={self.pruned_dir(score, keep)}"]
 
     def run(self, name: str, args: list[str], done: Path | None) -> None:
         self.stages.run(name, [*CLI, args[0], *self.common, *args[1:]], done)
@@ -104,7 +107,7 @@ class Study:
         self.run("eval teacher", ["eval", f"eval.output_dir={teacher_eval}"], teacher_eval / "eval.json")
         for score, keep in self.cells:
             name, pruning = self.cell_name(score, keep), self.pruning(score, keep)
-            pruned = self.root / "pruned" / name
+            pruned = self.pruned_dir(score, keep)
             self.run(f"prune {name}", ["prune", *pruning], pruned / "pruning_plan.json")
             out = self.root / "eval" / "pruned" / name
             self.run(f"eval pruned {name}", ["eval", *pruning, f"eval.model={pruned}", f"eval.output_dir={out}"],
@@ -116,7 +119,7 @@ class Study:
         score, keep = self.cells[0]
         pruning, sel = self.pruning(score, keep), self.root / "select"
         holdout = ["eval.split=holdout"]
-        self.run("holdout pruned", ["eval", *pruning, *holdout, f"eval.model={self.root / 'pruned' / self.cell_name(score, keep)}",
+        self.run("holdout pruned", ["eval", *pruning, *holdout, f"eval.model={self.pruned_dir(score, keep)}",
                                     f"eval.output_dir={sel / 'pruned'}"], sel / "pruned" / "eval.json")
         table = {"pruned": _acc(sel / "pruned"), "lrs": {}}
         for lr in self.args.lrs:
@@ -149,7 +152,7 @@ class Study:
 
         name = self.cell_name(*self.cells[0])
         headline = self.root / "runs" / name
-        models = {"teacher": Path(self.cfg.model.path), f"pruned_{name}": self.root / "pruned" / name}
+        models = {"teacher": Path(self.cfg.model.path), f"pruned_{name}": self.pruned_dir(*self.cells[0])}
         models |= {r.name: r / "final" for r in runs if r.parent == headline}
         for label, model in models.items():
             out = self.root / "edge" / label
