@@ -360,8 +360,11 @@ class Check:
         import psutil
 
         for child in psutil.Process(proc.pid).children(recursive=True):
-            if "distill_dist.cli" in " ".join(child.cmdline()):
-                child.send_signal(signal.SIGUSR1)
+            try:  # a child may exit while the tree is read
+                if "distill_dist.cli" in " ".join(child.cmdline()):
+                    child.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                continue
         rc1 = proc.wait()
         stopped_at = len(read_metrics(run / "metrics.jsonl"))
         self.cli(args, ranks=1, log="resume_2")

@@ -138,6 +138,25 @@ def tiny_olmo2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+def rank_processes(pid: int) -> list:
+    """The training ranks below process `pid`: each `python [options] -m distill_dist.cli`, not torchrun's agent
+    (`python -m torch.distributed.run ...` or `python -c ...`, which names the module later in its command line).
+    A process that exits while the tree is read (a launcher's short-lived helper) is skipped, not raised: the
+    tree is a snapshot of processes that come and go."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        program = next((i for i, arg in enumerate(argv[1:], 1) if arg in ("-c", "-m")), None)  # ends the options
+        if program is not None and argv[program:program + 2] == ["-m", "distill_dist.cli"]:
+            ranks.append(child)
+    return ranks
+
+
 @pytest.fixture()
 def free_port() -> int:
     from distill_dist.runtime import free_port as pick

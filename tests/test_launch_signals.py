@@ -18,7 +18,7 @@ import pytest
 from distill_dist.checkpoint import latest
 from distill_dist.runtime import free_port
 
-from conftest import make_teacher_and_student
+from conftest import make_teacher_and_student, rank_processes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank
@@ -52,9 +52,11 @@ def start(launcher: str, run: Path, base: list[str], state: Path | None) -> tupl
     return proc, log
 
 
-def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if "distill_dist.cli" in " ".join(p.cmdline()) and "-c" not in p.cmdline()]
+def running(rank: psutil.Process) -> bool:
+    try:
+        return rank.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def n_steps(run: Path) -> int:
@@ -74,12 +76,12 @@ def test_sigterm_to_launcher_and_ranks_exits_after_the_checkpoint(setup, launche
         while n_steps(run) < 2:  # every rank has its stop handler by its first step
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        ranks = ranks_of(proc)
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == LAUNCHERS[launcher][1], [r.cmdline() for r in ranks]
         os.killpg(proc.pid, signal.SIGTERM)  # the launcher, the ranks (and torchrun's agent) at once
         rc = proc.wait(timeout=240)
         # The moment the launcher is gone: every rank has exited and the checkpoint of the last step is complete.
-        alive = [r.pid for r in ranks if r.is_running() and r.status() != psutil.STATUS_ZOMBIE]
+        alive = [r.pid for r in ranks if running(r)]
         ckpt = latest(run / "checkpoints")
     finally:
         if proc.poll() is None:

@@ -9,13 +9,12 @@ import sys
 import os
 import time
 
-import psutil
 import pytest
 
 from distill_dist.checkpoint import read_metrics
 from distill_dist.runtime import free_port
 
-from conftest import make_teacher_and_student
+from conftest import make_teacher_and_student, rank_processes
 
 STEPS = 12
 
@@ -38,17 +37,12 @@ def launch(args):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def workers(proc) -> list[psutil.Process]:
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
-
-
 def kill_when(proc, ready, which: slice, timeout: float = 300) -> None:
     """SIGKILL the chosen workers as soon as `ready()` holds; then let torchrun wind the job down."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if ready():
-            for w in workers(proc)[which]:
+            for w in rank_processes(proc.pid)[which]:
                 w.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)

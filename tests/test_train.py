@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import make_teacher_and_student
+from conftest import make_teacher_and_student, rank_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -171,8 +170,7 @@ def usr1_after_steps(proc, run: Path, steps: int) -> list:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= steps:
-            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "distill_dist.cli" in " ".join(c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
+            workers = rank_processes(proc.pid)
             for w in workers:
                 w.send_signal(signal.SIGUSR1)
             return workers
