@@ -33,6 +33,30 @@ def test_params_match_real_models(arch, tied):
     assert ModelShape.from_config(config.to_dict()) == ModelShape.from_config(config)
 
 
+@pytest.mark.parametrize("arch,tied", [("olmo2", False), ("llama", True)])
+def test_plan_prices_a_frozen_embedding_as_the_engine_freezes_it(arch, tied):
+    """train.freeze_embeddings: the plan's trainable count is what is left trainable once the input embedding
+    is frozen as the student engine freezes it (a tied head with it, an untied one still trains); its states
+    shrink by exactly the embedding's gradient, master and Adam bytes (16 B/param in bf16, it keeps its 2)."""
+    cls, config_cls = (Olmo2ForCausalLM, Olmo2Config) if arch == "olmo2" else (LlamaForCausalLM, LlamaConfig)
+    model = cls(config_cls(**SMALL, tie_word_embeddings=tied))
+    model.get_input_embeddings().weight.requires_grad_(False)
+    shape = ModelShape.from_config(model.config)
+    plans = {f: costed_plan(load_config(None, ["prune.schedule=[1.0]", "model.dtype=bfloat16",
+                                               f"train.freeze_embeddings={f}"]),
+                            model.config.to_dict(), hw=Hardware(gpus_per_node=4)) for f in ("false", "true")}
+    one_gpu = plans["true"]["one_gpu"]
+    assert one_gpu["full"]["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert one_gpu["full"]["trainable_params"] == shape.params() - SMALL["vocab_size"] * SMALL["hidden_size"]
+    embedding = SMALL["vocab_size"] * SMALL["hidden_size"]
+    states = {f: plans[f]["memory_per_gpu"]["model_states_steady"] for f in plans}
+    assert states["false"] - states["true"] == pytest.approx(16 * embedding / 4)
+    assert one_gpu["lora"]["trainable_params"] == plans["false"]["one_gpu"]["lora"]["trainable_params"]
+    md = render_markdown(plans["true"])
+    assert "full recovery with the embeddings frozen" in md and "model states (embedding frozen" in md
+    assert "embeddings frozen" not in render_markdown(plans["false"])
+
+
 def test_7b_params_match_a_meta_olmo2_and_pruning_rule():
     """At the real width: an Olmo2ForCausalLM with OLMo2-7B's config built on the meta device (no memory)."""
     with torch.device("meta"):

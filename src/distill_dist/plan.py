@@ -189,15 +189,24 @@ def lora_params(m: ModelShape, rank: int, targets) -> int:
 
 
 def trainable_params(m: ModelShape, tr) -> int:
-    """What the optimizer updates: every parameter, or the LoRA adapters (train.adapter)."""
-    return lora_params(m, tr.lora_rank, tr.lora_targets) if tr.adapter == "lora" else m.params()
+    """What the optimizer updates: the LoRA adapters (train.adapter=lora), or every parameter but the input
+    embedding matrix with train.freeze_embeddings (a tied LM head is that matrix), or every parameter."""
+    if tr.adapter == "lora":
+        return lora_params(m, tr.lora_rank, tr.lora_targets)
+    return m.params() - (m.vocab * m.hidden if tr.freeze_embeddings else 0)
 
 
-def lora_states(n_base: int, n_adapter: int, world: int, p: int, fused_adam: bool = True) -> dict:
-    """ZeRO-3 states per rank with a frozen base: the base's p-byte partition only (no gradient, master or
-    Adam state), the adapters' as model_states'."""
-    adapters = model_states(n_adapter, world, p, fused_adam)
-    return {k: p * n_base / world + v for k, v in adapters.items()}
+def frozen_params(m: ModelShape, tr) -> int:
+    """Parameters the student holds but does not train: the whole base under LoRA (its adapters are extra),
+    the embedding matrix with train.freeze_embeddings, else none."""
+    return m.params() if tr.adapter == "lora" else m.params() - trainable_params(m, tr)
+
+
+def states_with_frozen(n_frozen: int, n_trainable: int, world: int, p: int, fused_adam: bool = True) -> dict:
+    """ZeRO-3 states per rank with frozen parameters: their p-byte partition only (no gradient, master or
+    Adam state), the trained ones' as model_states'."""
+    trained = model_states(n_trainable, world, p, fused_adam)
+    return {k: p * n_frozen / world + v for k, v in trained.items()}
 
 
 def model_states(n_params: int, world: int, p: int, fused_adam: bool = True) -> dict:
@@ -249,6 +258,14 @@ def gathered_params(traced: int, largest: int, max_live: float) -> float:
     return min(max_live + largest, traced)
 
 
+def largest_trained_module(m: ModelShape, tr) -> int:
+    """The largest module a full run computes a gradient for: with the embedding frozen, an untied LM head
+    still trains, a tied one is the frozen matrix."""
+    if not tr.freeze_embeddings or not m.tied:
+        return m.largest_module()
+    return max(m.intermediate * m.hidden, m.heads * m.hd * m.hidden)
+
+
 def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, p: int) -> dict:
     """Peak bytes per GPU of one recovery arm, by part; `total_live` adds the live teacher's shard (and what ZeRO-3
     gathers of it), `total_live_replicated` the whole teacher instead (teacher.placement=replicated). Gathered:
@@ -261,11 +278,9 @@ def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, 
     positions = tr.micro_batch_size * (max_tokens if tr.positions == "all" else 1)
     act = activation_bytes(s, tr.micro_batch_size * max_tokens, positions, p, tr.chunk_size, ckpt)
     lora = tr.adapter == "lora"
-    n_adapter = trainable_params(s, tr) if lora else 0
-    states = (lora_states(s.params(), n_adapter, hw.world, p, hw.fused_adam) if lora
-              else model_states(s.params(), hw.world, p, hw.fused_adam))
-    # one whole gradient before its reduce-scatter: the largest module's, or LoRA's largest adapter pair's
-    grad_whole = tr.lora_rank * (s.hidden + s.intermediate) if lora else s.largest_module()
+    states = states_with_frozen(frozen_params(s, tr), trainable_params(s, tr), hw.world, p, hw.fused_adam)
+    # one whole gradient before its reduce-scatter: the largest trained module's, or LoRA's largest adapter pair's
+    grad_whole = tr.lora_rank * (s.hidden + s.intermediate) if lora else largest_trained_module(s, tr)
     # LoRA keeps each adapter's rank-wide intermediate (A x) per token and adapted projection for backward
     lora_act = p * tr.lora_rank * len(tr.lora_targets) * s.layers * tr.micro_batch_size * max_tokens if lora else 0
     parts = {
@@ -297,10 +312,12 @@ def one_gpu(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Har
     for adapter in ("full", "lora"):
         c = copy.deepcopy(cfg)
         c.train.adapter = adapter
+        c.train.freeze_embeddings = cfg.train.freeze_embeddings and adapter == "full"  # LoRA refuses it
         m = per_gpu_memory(t, s, c, lengths, single, p)
         totals = {"cache": m["total_cache"], "live_sharded": m["total_live"], "live_replicated": m["total_live_replicated"]}
         out[adapter] = {"trainable_params": trainable_params(s, c.train), "model_states": m["model_states"],
                         **{k: {"memory": v, "fits": v <= room} for k, v in totals.items()}}
+    out["full"] |= {"freeze_embeddings": cfg.train.freeze_embeddings}
     out["lora"] |= {"rank": cfg.train.lora_rank, "targets": list(cfg.train.lora_targets)}
     return out
 
@@ -483,7 +500,8 @@ def costed_plan(cfg: RunConfig, model_config: dict | None = None, tokenizer=None
                         **calibration_cost(t, cfg, lengths, hw, cfg.prune.score)},
         "sweep": {**sweep, **sweep_cost(t, cfg, lengths, hw, sweep)},
         "assumptions": {**asdict(hw), "world": hw.world, "dtype": cfg.model.dtype, "micro_batch": tr.micro_batch_size,
-                        "grad_accum": tr.grad_accum, "max_steps": tr.max_steps, "positions": tr.positions,
+                        "grad_accum": tr.grad_accum, "max_steps": tr.max_steps,
+                        "freeze_embeddings": tr.freeze_embeddings, "positions": tr.positions,
                         "max_length": cfg.data.max_length, "activation_checkpointing": ckpt},
     }
 
@@ -511,7 +529,8 @@ def one_gpu_rows(og: dict, student_params: int) -> list[str]:
     rows = []
     for adapter in ("full", "lora"):
         x = og[adapter]
-        what = ("full recovery" if adapter == "full" else
+        frozen = f" with the embeddings frozen ({x['trainable_params'] / 1e6:.1f} M trainable)"
+        what = (f"full recovery{frozen if x.get('freeze_embeddings') else ''}" if adapter == "full" else
                 f"LoRA r{x['rank']} on {', '.join(x['targets'])} ({x['trainable_params'] / 1e6:.1f} M trainable, "
                 f"{x['trainable_params'] / student_params:.2%})")
         cells = " / ".join(f"{_g(x[k]['memory'])} {'fits' if x[k]['fits'] else 'does not fit'}"
@@ -536,7 +555,8 @@ def render_markdown(plan: dict) -> str:
         f"| CSQA train tokens per epoch ({tok['kl']['rows']} rows, mean {tok['kl']['mean_tokens']:.1f}, "
         f"padded {tok['kl']['mean_padded_tokens']:.1f} at micro-batch {a['micro_batch']}) | "
         f"{plan['tokens_per_epoch']['kl'] / 1e6:.3f} M |",
-        f"| per GPU: model states (peak at the optimizer step; steady {_g(m['model_states_steady'])}) | "
+        f"| per GPU: model states{' (embedding frozen: its weights only)' if a['freeze_embeddings'] else ''} "
+        f"(peak at the optimizer step; steady {_g(m['model_states_steady'])}) | "
         f"{_g(m['model_states'])} |",
         f"| per GPU: gathered parameters (up to stage3_max_live_parameters) + one gradient | {_g(m['gathered'])} |",
         f"| per GPU: activations (micro-batch {a['micro_batch']} x {tok['kl']['max_tokens']} tokens) + loss chunk | "
