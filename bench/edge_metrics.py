@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from distill_dist.config import TinyModelConfig
-from distill_dist.export import export, gguf_name, gguf_reader
+from distill_dist.export import bytes_per_token, export, gguf_name
 from distill_dist.llamacpp import PP_TOKENS, TG_TOKENS, run_isolated
 from distill_dist.models import build_tiny_model, load_tokenizer
 from distill_dist.prune import prune_checkpoint
@@ -41,15 +41,6 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def bytes_per_token(path: Path) -> int:
-    """Weight bytes one generated token reads: everything but the token embedding (one row of it), unless the
-    embedding is also the output matrix (tied)."""
-    tensors = {t.name: int(t.n_bytes) for t in gguf_reader(path).tensors}
-    if "output.weight" in tensors:
-        return sum(tensors.values()) - tensors["token_embd.weight"]
-    return sum(tensors.values())
 
 
 def measure(path: Path, threads: int) -> dict:

@@ -28,6 +28,7 @@ from distill_dist.evaluate import (build_requests, choice_lengths, eval_split, e
 from distill_dist.fileio import sha256_file  # noqa: E402
 from distill_dist.hf_checkpoint import checkpoint_fingerprint, load_plan  # noqa: E402
 from distill_dist.models import load_causal_lm, load_tokenizer  # noqa: E402
+from distill_dist.plan import ModelShape  # noqa: E402
 from distill_dist.prune import prune_checkpoint  # noqa: E402
 
 PARITY_QUESTIONS = 300
@@ -160,6 +161,18 @@ def test_manifest_records_source_files_and_effective_types(tinystories):
     assert eval_json["edge"]["kv_cache"] == "f16" and res["f32_eval"]["edge"]["kv_cache"] == "f32"
     for key in ("load_s", "peak_rss_bytes", "file_bytes"):
         assert eval_json["edge"][key] > 0
+
+
+@pytest.mark.parametrize("which", ["tinystories", "olmo2"])
+def test_plan_counts_the_weights_a_generated_token_reads_in_the_gguf(which, request):
+    """plan.py's weights per generated token, from config.json alone, equal the f32 GGUF's tensor bytes / 4
+    minus the embedding where the file has its own output matrix: a tied Llama (the embedding is read whole
+    as the output matrix) and an untied OLMo 2 (q/k norms included)."""
+    ckpt, res = request.getfixturevalue(which)
+    gguf = Path(res["f32_eval"]["model"]["path"])
+    shape = ModelShape.from_config(json.loads((ckpt / "config.json").read_text()))
+    assert export_mod.bytes_per_token(gguf) == 4 * shape.params_per_token()
+    assert shape.tied == (which == "tinystories")  # both cases are covered
 
 
 def test_rerun_skips_complete_files_and_redoes_damaged_ones(tinystories, tmp_path):

@@ -82,6 +82,15 @@ def gguf_reader(path: Path):
     return gguf.GGUFReader(str(path))
 
 
+def bytes_per_token(path: Path) -> int:
+    """Weight bytes one generated token reads (decoding on a CPU is bound by them): every tensor but the token
+    embedding, of which a token reads one row, unless the embedding is also the output matrix (tied)."""
+    tensors = {t.name: int(t.n_bytes) for t in gguf_reader(path).tensors}
+    if "output.weight" in tensors:
+        return sum(tensors.values()) - tensors["token_embd.weight"]
+    return sum(tensors.values())
+
+
 def describe_gguf(path: Path, gguf_type: str) -> dict:
     """Effective type of every tensor, counts per type, the tensors whose rows the type's blocks do not fit
     (they fell back to another type), and the pre-tokenizer the file declares."""

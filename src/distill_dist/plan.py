@@ -79,6 +79,12 @@ class ModelShape:
         vocab_mats = self.vocab * self.hidden * (1 if self.tied else 2)
         return vocab_mats + self.layers * self.layer_params() + self.hidden  # + the final norm
 
+    def params_per_token(self) -> int:
+        """Weights one generated token reads on the device: all of them but the input embedding (one row of it
+        is read), unless the embedding is also the output matrix (tied). Memory-bound decoding goes no faster
+        than bandwidth over these bytes, so a student/teacher ratio bounds what pruning buys in tokens/s."""
+        return self.params() - (0 if self.tied else self.vocab * self.hidden)
+
     def body_matmul_params(self) -> int:
         return self.layers * self.layer_matmul_params()
 
@@ -481,8 +487,10 @@ def costed_plan(cfg: RunConfig, model_config: dict | None = None, tokenizer=None
     memory = per_gpu_memory(t, s, cfg, lengths, hw, p)
     placement, why = choose_placement(memory, hw.gpu_mem_gb * GB, cfg.teacher.placement)
     return {
-        "teacher": {**asdict(t), "params": t.params(), "source": model_source},
-        "student": {**asdict(s), "params": s.params(), "keep_ratio": cfg.prune.keep_ratio,
+        "teacher": {**asdict(t), "params": t.params(), "params_per_token": t.params_per_token(),
+                    "source": model_source},
+        "student": {**asdict(s), "params": s.params(), "params_per_token": s.params_per_token(),
+                    "keep_ratio": cfg.prune.keep_ratio,
                     "round_to": cfg.prune.round_to},
         "flops_per_token": flops_token,
         "tokens": lengths,
@@ -550,6 +558,10 @@ def render_markdown(plan: dict) -> str:
         f"| student parameters (keep {s['keep_ratio']}, intermediate {s['intermediate']}) | {s['params'] / 1e9:.3f} B |",
         f"| on the edge: llama.cpp K-quants (Q4_K_M, ...) take rows in blocks of {KQUANT_BLOCK} | "
         f"{kquant_advice(s['intermediate'])} |",
+        f"| on the edge: weights each generated token reads, student / teacher (memory-bound decoding; "
+        f"{'the tied embedding is the output matrix' if t['tied'] else 'one embedding row'}) | "
+        f"{s['params_per_token'] / 1e6:,.1f} M / {t['params_per_token'] / 1e6:,.1f} M = "
+        f"{s['params_per_token'] / t['params_per_token']:.1%} |",
         f"| FLOPs per token, student forward+backward | {f['student_train'] / 1e9:.2f} GFLOP |",
         f"| FLOPs per token, teacher forward (live KL) | {f['teacher_forward'] / 1e9:.2f} GFLOP |",
         f"| CSQA train tokens per epoch ({tok['kl']['rows']} rows, mean {tok['kl']['mean_tokens']:.1f}, "
