@@ -90,7 +90,11 @@ class ModelShape:
 
     def largest_module(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once; DeepSpeed's 'largest layer')."""
-        return max(self.vocab * self.hidden, self.intermediate * self.hidden, self.heads * self.hd * self.hidden)
+        return max(self.vocab * self.hidden, self.largest_layer_module())
+
+    def largest_layer_module(self) -> int:
+        """Parameters of the largest module inside a decoder layer: an MLP matrix or the q projection."""
+        return max(self.intermediate * self.hidden, self.heads * self.hd * self.hidden)
 
 
 OLMO2_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=100352, qk_norm=True)
@@ -267,9 +271,7 @@ def gathered_params(traced: int, largest: int, max_live: float) -> float:
 def largest_trained_module(m: ModelShape, tr) -> int:
     """The largest module a full run computes a gradient for: with the embedding frozen, an untied LM head
     still trains, a tied one is the frozen matrix."""
-    if not tr.freeze_embeddings or not m.tied:
-        return m.largest_module()
-    return max(m.intermediate * m.hidden, m.heads * m.hd * m.hidden)
+    return m.largest_layer_module() if tr.freeze_embeddings and m.tied else m.largest_module()
 
 
 def per_gpu_memory(t: ModelShape, s: ModelShape, cfg: RunConfig, lengths: dict, hw: Hardware, p: int) -> dict:
@@ -538,7 +540,7 @@ def one_gpu_rows(og: dict, student_params: int) -> list[str]:
     for adapter in ("full", "lora"):
         x = og[adapter]
         frozen = f" with the embeddings frozen ({x['trainable_params'] / 1e6:.1f} M trainable)"
-        what = (f"full recovery{frozen if x.get('freeze_embeddings') else ''}" if adapter == "full" else
+        what = (f"full recovery{frozen if x['freeze_embeddings'] else ''}" if adapter == "full" else
                 f"LoRA r{x['rank']} on {', '.join(x['targets'])} ({x['trainable_params'] / 1e6:.1f} M trainable, "
                 f"{x['trainable_params'] / student_params:.2%})")
         cells = " / ".join(f"{_g(x[k]['memory'])} {'fits' if x[k]['fits'] else 'does not fit'}"
